@@ -1,0 +1,123 @@
+"""Model construction from config, variable initialisation and pretrained-weight loading."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rkd_jax.models.bert import BertConfig
+from rkd_jax.models.segmenter import Segmenter, check_backbone_name
+
+ARCH_FIELDS = (
+    "backbone", "backbone_width", "backbone_stage_sizes", "text_num_layers", "fusion_dim",
+    "fpn_dim", "attention_norm",
+)
+
+
+def resolve_dtype(name: str) -> Any:
+    """'auto' -> bfloat16 on GPU/TPU, float32 on CPU; or an explicit 'float32'/'bfloat16'."""
+    if name == "auto":
+        return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+    if name in ("float32", "bfloat16"):
+        return jnp.dtype(name)
+    raise ValueError(f"run.compute_dtype={name!r}; expected auto, float32 or bfloat16")
+
+
+def text_config(model_cfg) -> BertConfig:
+    """The text encoder's architecture, read from its directory's config.json."""
+    from rkd_jax.convert.bert import resolve_text_encoder_dir
+
+    return BertConfig.from_dir(resolve_text_encoder_dir(model_cfg.text_encoder_dir))
+
+
+def build_model(model_cfg, dtype: Any = jnp.float32, bert_config: BertConfig | None = None):
+    """Segmenter for a model config (configs/distill.py: model_config)."""
+    check_backbone_name(model_cfg.backbone)
+    return Segmenter(
+        backbone=model_cfg.backbone,
+        text_config=bert_config or text_config(model_cfg),
+        backbone_width=int(model_cfg.backbone_width),
+        backbone_stage_sizes=tuple(int(s) for s in model_cfg.backbone_stage_sizes),
+        text_num_layers=int(model_cfg.text_num_layers),
+        text_trainable=bool(model_cfg.text_trainable),
+        fusion_dim=int(model_cfg.fusion_dim),
+        fpn_dim=int(model_cfg.fpn_dim),
+        attention_norm=model_cfg.attention_norm,
+        dtype=dtype,
+    )
+
+
+def dummy_inputs(image_size: int, max_tokens: int, batch: int = 1):
+    images = jnp.zeros((batch, image_size, image_size, 3), jnp.float32)
+    tokens = jnp.zeros((batch, max_tokens), jnp.int32)
+    mask = jnp.ones((batch, max_tokens), jnp.int32)
+    return images, tokens, mask
+
+
+def abstract_variables(model, image_size: int, max_tokens: int) -> dict:
+    """Shapes and dtypes of the model's variables, computed without allocating them."""
+    return jax.eval_shape(
+        lambda: model.init(jax.random.key(0), *dummy_inputs(image_size, max_tokens))
+    )
+
+
+def count_params(tree) -> int:
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
+
+
+def init_variables(model, model_cfg, rng, image_size: int, max_tokens: int,
+                   pretrained: bool = True) -> dict:
+    """Random init, then the pretrained text encoder and backbone weights the config names."""
+    variables = jax.jit(model.init)(rng, *dummy_inputs(image_size, max_tokens))
+    variables = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
+    if not pretrained:
+        return variables
+    params = dict(variables["params"])
+    stats = dict(variables["batch_stats"])
+    if model_cfg.text_pretrained:
+        from rkd_jax.convert.bert import load_bert, resolve_text_encoder_dir
+
+        _, text_params = load_bert(
+            resolve_text_encoder_dir(model_cfg.text_encoder_dir), model_cfg.text_num_layers
+        )
+        params["text_encoder"] = _replace(params["text_encoder"], text_params, "text encoder")
+    if model_cfg.backbone_weights:
+        from rkd_jax.convert import vision
+
+        path = model_cfg.backbone_weights
+        if path == "offline":
+            path = vision.lite0_checkpoint_path()
+        loaded = vision.load_backbone_weights(
+            path, model_cfg.backbone, int(model_cfg.backbone_width),
+            tuple(model_cfg.backbone_stage_sizes),
+        )
+        params["visual"] = _replace(params["visual"], loaded["params"], f"backbone ({path})")
+        if "visual" in stats:
+            stats["visual"] = _replace(stats["visual"], loaded["batch_stats"], f"backbone ({path})")
+    return {"params": params, "batch_stats": stats}
+
+
+def _replace(target, loaded, what: str):
+    """Swap a subtree for loaded weights after checking that structure and shapes agree."""
+    t_flat = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(target)}
+    l_flat = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(loaded)}
+    for key, value in t_flat.items():
+        if key not in l_flat:
+            raise ValueError(f"{what}: converted weights lack {key} (shape {value.shape})")
+        if tuple(l_flat[key].shape) != tuple(value.shape):
+            raise ValueError(
+                f"{what}: {key} has shape {tuple(l_flat[key].shape)}, model expects {value.shape}"
+            )
+    extra = sorted(set(l_flat) - set(t_flat))
+    if extra:
+        raise ValueError(f"{what}: converted weights have keys the model lacks: {extra[:3]}")
+    return jax.tree.map(lambda t, l: jnp.asarray(l, t.dtype), target, loaded)
+
+
+def architecture(model_cfg) -> dict:
+    """The config fields that decide the parameter shapes (for mismatch errors)."""
+    return {k: (list(model_cfg[k]) if k == "backbone_stage_sizes" else model_cfg[k])
+            for k in ARCH_FIELDS}

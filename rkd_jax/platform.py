@@ -1,0 +1,76 @@
+"""Process-level set-up that must happen before JAX initialises its backends.
+
+XLA's CPU backend in jax 0.10 sends convolutions to YNNPACK, which trains 2-12x slower on
+the 2-core development machines than XLA's own kernels (shared/bench/README.md). The flag
+that turns it off is experimental and an unknown XLA flag aborts the process, so we only set
+it after a throw-away subprocess has shown that the installed jaxlib accepts it. The probe's
+answer is cached per jaxlib version.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+YNN_OFF_FLAG = "--xla_cpu_experimental_ynn_fusion_type="
+
+
+def cache_dir() -> Path:
+    """Root of rkd_jax's caches (generated data, probes): $RKD_JAX_CACHE or ~/.cache/rkd_jax."""
+    root = os.environ.get("RKD_JAX_CACHE") or os.path.join(Path.home(), ".cache", "rkd_jax")
+    return Path(root)
+
+
+def _flag_accepted(flag: str) -> bool:
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + flag).strip()
+    env["JAX_PLATFORMS"] = "cpu"
+    code = "import jax, jax.numpy as jnp; jnp.zeros(2).block_until_ready()"
+    try:
+        out = subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, timeout=120
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return out.returncode == 0
+
+
+def configure_cpu_flags() -> list[str]:
+    """Turn YNNPACK convolutions off when the installed jaxlib knows the flag.
+
+    Must run before `import jax` initialises a backend (importing jax alone is fine, using it is
+    not). Returns the flags that were added, for logging. `RKD_JAX_KEEP_YNN=1` keeps XLA's
+    default.
+    """
+    if os.environ.get("RKD_JAX_KEEP_YNN") == "1":
+        return []
+    if YNN_OFF_FLAG in os.environ.get("XLA_FLAGS", ""):
+        return [YNN_OFF_FLAG]
+    try:
+        version = importlib.metadata.version("jaxlib")
+    except importlib.metadata.PackageNotFoundError:
+        return []
+    probe_file = cache_dir() / "xla_flag_probe.json"
+    known: dict = {}
+    try:
+        known = json.loads(probe_file.read_text())
+    except (OSError, ValueError):
+        known = {}
+    key = f"{version}:{YNN_OFF_FLAG}"
+    if key not in known:
+        known[key] = _flag_accepted(YNN_OFF_FLAG)
+        try:
+            probe_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = probe_file.with_suffix(".tmp")
+            tmp.write_text(json.dumps(known))
+            tmp.replace(probe_file)
+        except OSError:
+            pass
+    if not known[key]:
+        return []
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + YNN_OFF_FLAG).strip()
+    return [YNN_OFF_FLAG]
