@@ -1,0 +1,118 @@
+"""Segmenter taps and shapes, fusion masking, configs."""
+
+import importlib.util
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rkd_jax.models import build
+from rkd_jax.models.bert import BertConfig
+from rkd_jax.models.fusion import VLFusion, vl_attention
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_config(name: str, arg: str = ""):
+    spec = importlib.util.spec_from_file_location(f"cfg_{name}", ROOT / "configs" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.get_config(arg)
+
+
+@pytest.mark.parametrize("name", ["distill", "teacher", "student"])
+@pytest.mark.parametrize("variant", ["", "tiny", "lite0", "paper", "paper_b0"])
+def test_every_config_loads(name, variant):
+    c = load_config(name, variant)
+    assert c.mode == name
+    for role in ("teacher", "student"):
+        m = build.build_model(c[role], bert_config=BertConfig.base())
+        assert m.fpn_dim == c[role].fpn_dim
+    # distillation needs equal decoder widths (L_C compares C x C matrices)
+    assert c.teacher.fpn_dim == c.student.fpn_dim
+
+
+def test_unknown_variant_and_backbone_name_the_valid_ones():
+    with pytest.raises(ValueError, match="paper"):
+        load_config("distill", "papre")
+    c = load_config("distill", "tiny")
+    c.student.backbone = "resnet19"
+    with pytest.raises(ValueError, match="resnet18.*resnet34|valid names"):
+        build.build_model(c.student, bert_config=BertConfig.base())
+
+
+@pytest.mark.parametrize("variant", ["paper", "paper_b0"])
+def test_paper_shapes_at_384_and_20_tokens(variant):
+    c = load_config("distill", variant)
+    for role in ("teacher", "student"):
+        m = build.build_model(c[role], bert_config=BertConfig.base())
+        abstract = build.abstract_variables(m, 384, 20)
+        out = jax.eval_shape(lambda v: m.apply(v, *build.dummy_inputs(384, 20, 2)), abstract)
+        assert [a.shape for a in out["vl_attention"]] == [(2, 2304, 20), (2, 576, 20), (2, 144, 20)]
+        assert out["decoder"].shape == (2, 9216, 256)
+        assert out["logits"].shape == (2, 96, 96, 2)
+
+
+def test_paper_parameter_counts():
+    c = load_config("distill", "paper")
+    counts = {}
+    for role in ("teacher", "student"):
+        m = build.build_model(c[role], bert_config=BertConfig.base())
+        counts[role] = build.count_params(build.abstract_variables(m, 384, 20)["params"])
+    # ResNet-101 42.50 M + BERT-base without pooler 108.89 M + fusion and FPN
+    assert counts["teacher"] == pytest.approx(155.99e6, rel=1e-3)
+    # ResNet-18 11.18 M + 4 BERT layers with embeddings 52.19 M + fusion and FPN
+    assert counts["student"] == pytest.approx(65.84e6, rel=1e-3)
+
+
+@pytest.mark.parametrize("norm", ["softmax", "none"])
+def test_padding_tokens_get_zero_attention(norm):
+    rng = np.random.default_rng(0)
+    q = jnp.asarray(rng.normal(size=(2, 6, 8)), jnp.float32)
+    k = jnp.asarray(rng.normal(size=(2, 5, 8)), jnp.float32)
+    mask = jnp.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    a = vl_attention(q, k, mask, norm)
+    assert a.shape == (2, 6, 5)
+    np.testing.assert_array_equal(np.asarray(a[0, :, 3:]), 0.0)
+    assert np.all(np.abs(np.asarray(a[0, :, :3])) > 0)
+    if norm == "softmax":
+        np.testing.assert_allclose(np.asarray(a.sum(-1)), 1.0, rtol=1e-6)
+    else:
+        expected = np.einsum("bnc,blc->bnl", q, k) / np.sqrt(8)
+        np.testing.assert_allclose(np.asarray(a[1]), expected[1], rtol=1e-5)
+
+
+def test_fusion_ignores_padding_content():
+    """Changing the features of padded words changes neither A nor V'."""
+    rng = np.random.default_rng(1)
+    v = jnp.asarray(rng.normal(size=(1, 4, 4, 6)), jnp.float32)
+    t = rng.normal(size=(1, 5, 10)).astype(np.float32)
+    mask = jnp.array([[1, 1, 0, 0, 0]])
+    mod = VLFusion(dim=8)
+    params = mod.init(jax.random.key(0), v, jnp.asarray(t), mask)
+    out1, a1 = mod.apply(params, v, jnp.asarray(t), mask)
+    t2 = t.copy()
+    t2[:, 2:] = 100.0
+    out2, a2 = mod.apply(params, v, jnp.asarray(t2), mask)
+    np.testing.assert_allclose(np.asarray(out1), np.asarray(out2), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(a1), np.asarray(a2), rtol=1e-6, atol=1e-7)
+    assert a1.shape == (1, 16, 5)
+
+
+def test_tiny_segmenter_forward_and_text_cache_equivalence():
+    """Precomputed text features give the same outputs as running the text encoder."""
+    c = load_config("distill", "tiny")
+    m = build.build_model(c.student)
+    v = build.init_variables(m, c.student, jax.random.key(0), 64, 12)
+    images = jax.random.uniform(jax.random.key(1), (2, 64, 64, 3))
+    tokens = jnp.array([[101, 1996, 3899, 102] + [0] * 8, [101, 2417, 102] + [0] * 9])
+    mask = (tokens > 0).astype(jnp.int32)
+    out = m.apply(v, images, tokens, mask)
+    assert out["logits"].shape == (2, 16, 16, 2)
+    assert [a.shape for a in out["vl_attention"]] == [(2, 64, 12), (2, 16, 12), (2, 4, 12)]
+    assert out["decoder"].shape == (2, 256, c.student.fpn_dim)
+    text = m.apply(v, tokens, mask, method=m.encode_text)
+    out2 = m.apply(v, images, tokens, mask, text_features=text)
+    np.testing.assert_allclose(np.asarray(out["logits"]), np.asarray(out2["logits"]), atol=1e-5)
