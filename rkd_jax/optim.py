@@ -16,6 +16,7 @@ The paper (Section IV-A) trains with AdamW, learning rate 2e-5 divided by 10 aft
 
 from __future__ import annotations
 
+import itertools
 import numbers
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -128,7 +129,7 @@ def make_schedule(train_cfg: Any, steps_per_epoch: int) -> optax.Schedule:
     epochs = tuple(_get(train_cfg, "lr_decay_epochs", ()))
     factor = float(_get(train_cfg, "lr_decay_factor", 0.1))
     warmup = _get(train_cfg, "warmup_steps", 0)
-    increasing = all(a < b for a, b in zip(epochs, epochs[1:]))
+    increasing = all(a < b for a, b in itertools.pairwise(epochs))
     if not increasing or any(not isinstance(e, numbers.Integral) or e < 1 for e in epochs):
         raise ValueError(
             f"config.train.lr_decay_epochs={epochs!r}: expected strictly increasing ints >= 1"
