@@ -14,8 +14,8 @@ running_mean/var -> batch_stats mean/var, Linear weight [out, in] -> Dense kerne
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -24,8 +24,14 @@ from rkd_jax.models.efficientnet import architecture
 from rkd_jax.models.resnet import RESNET_ARCHS
 
 _PREFIXES = ("module.", "backbone.")
-BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "efficientnet_b0",
-             "efficientnet_lite0")
+BACKBONES = (
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "resnet101",
+    "efficientnet_b0",
+    "efficientnet_lite0",
+)
 
 
 def _strip_prefixes(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -37,7 +43,7 @@ def _strip_prefixes(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
             changed = False
             for p in _PREFIXES:
                 if k.startswith(p):
-                    k, changed = k[len(p):], True
+                    k, changed = k[len(p) :], True
         out[k] = v
     return out
 
@@ -89,7 +95,8 @@ class _Builder:
 
     def finish(self, head_prefixes: tuple[str, ...]) -> dict:
         extra = sorted(
-            k for k in self.state
+            k
+            for k in self.state
             if k not in self.used
             and not k.endswith("num_batches_tracked")
             and not k.startswith(head_prefixes)

@@ -98,7 +98,7 @@ def architecture(variant: str, width_mult: float = 1.0, depth_mult: float = 1.0)
         cin = stem if s == 0 else _round_filters(cin, width_mult)
         cout = _round_filters(cout, width_mult)
         if not (lite and s in (0, len(_BASE_STAGES) - 1)):
-            reps = int(math.ceil(depth_mult * reps))
+            reps = math.ceil(depth_mult * reps)
         idx = []
         for r in range(reps):
             b_in = cin if r == 0 else cout
@@ -201,7 +201,10 @@ class EfficientNet(nn.Module):
         n = len(arch.blocks)
         self.blocks = [
             _MBConv(
-                spec, self.act, drop_path=self.drop_path_rate * i / n, dtype=self.dtype,
+                spec,
+                self.act,
+                drop_path=self.drop_path_rate * i / n,
+                dtype=self.dtype,
                 name=f"blocks_{i}",
             )
             for i, spec in enumerate(arch.blocks)

@@ -16,7 +16,8 @@ Taps (channels for width 64, basic / bottleneck):
 from __future__ import annotations
 
 import functools
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -45,7 +46,10 @@ class _Block(nn.Module):
 
     def setup(self):
         conv = functools.partial(
-            nn.Conv, use_bias=False, dtype=self.dtype, param_dtype=jnp.float32,
+            nn.Conv,
+            use_bias=False,
+            dtype=self.dtype,
+            param_dtype=jnp.float32,
             kernel_init=_conv_init,
         )
         bn = functools.partial(
@@ -107,8 +111,14 @@ class ResNet(nn.Module):
                 f"ResNet stage_sizes {tuple(self.stage_sizes)}: expected 4 positive block counts"
             )
         self.conv1 = nn.Conv(
-            self.width, (7, 7), strides=(2, 2), padding=((3, 3), (3, 3)), use_bias=False,
-            dtype=self.dtype, param_dtype=jnp.float32, kernel_init=_conv_init,
+            self.width,
+            (7, 7),
+            strides=(2, 2),
+            padding=((3, 3), (3, 3)),
+            use_bias=False,
+            dtype=self.dtype,
+            param_dtype=jnp.float32,
+            kernel_init=_conv_init,
         )
         self.bn1 = nn.BatchNorm(
             momentum=0.9, epsilon=1e-5, dtype=self.dtype, param_dtype=jnp.float32
