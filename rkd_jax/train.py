@@ -71,7 +71,7 @@ def make_train_step(config, mode: str, tx: optax.GradientTransformation,
         raise ValueError(f"mode={mode!r}; expected one of {MODES}")
     if mode == "distill" and teacher is None:
         raise ValueError("distill mode needs the teacher model")
-    base_key = jax.random.key(int(config.seed))
+    base_key = build.make_key(int(config.seed))
 
     def text_of(tables, name, batch):
         table = tables.get(name)
@@ -277,7 +277,7 @@ def run_phase(config, run_dir: Path, role: str, mesh, teacher_vars=None) -> dict
     frozen = None if model_cfg.text_trainable else text_frozen
     tx, schedule = make_optimizer(sched, steps_per_epoch, frozen=frozen)
 
-    rng = jax.random.key(int(config.seed))
+    rng = build.make_key(int(config.seed))
     init_rng = jax.random.fold_in(rng, 0 if role == "teacher" else 1)
     size, max_tokens = int(config.data.image_size), int(config.data.max_tokens)
 
