@@ -88,15 +88,15 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.distill.method = "rkd"  # rkd (paper: L_VL + L_C) | none | logit_kd | skd | cwd | ickd
     c.distill.lambda_vl = 0.5  # lambda1 of Eq. (9); 0 = ablation without L_VL
     c.distill.lambda_channel = 0.5  # lambda2 of Eq. (9); 0 = ablation without L_C
-    c.distill.channel_norm = "hw"  # scale of D^T D: hw (divide by HW) | l2 (ICKD rows)
+    c.distill.channel_norm = "hw"  # D^T D scale: hw (divide by HW) | l2 (unit channels: cosines)
     c.distill.seg_loss = "ce"  # L_seg: ce (2-class softmax cross-entropy) | bce
     c.distill.skd_pool_scale = 0.5  # skd: pool the map by this factor before pairing (0 = none)
     c.distill.kd_temperature = 1.0  # logit_kd: softmax temperature
-    c.distill.kd_weight = 1.0  # logit_kd: loss weight
+    c.distill.kd_weight = 10.0  # logit_kd: loss weight (SKD paper's pixel-wise KD setting)
     c.distill.skd_weight = 1.0  # skd: pair-wise similarity loss weight
     c.distill.cwd_tau = 4.0  # cwd: spatial softmax temperature
     c.distill.cwd_weight = 3.0  # cwd: loss weight
-    c.distill.ickd_weight = 1.0  # ickd: loss weight
+    c.distill.ickd_weight = 2.5  # ickd: loss weight (ICKD's released setting)
 
     c.run = ml_collections.ConfigDict()
     c.run.compute_dtype = "auto"  # auto (bf16 on GPU, f32 on CPU) | float32 | bfloat16
