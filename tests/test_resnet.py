@@ -18,6 +18,13 @@ from rkd_jax.models.resnet import IMAGENET_MEAN, IMAGENET_STD, ResNet, ResNet18,
 RTOL = 1e-4
 
 
+def _run_fast(fn, *args):
+    """jit fn, compiled with LLVM optimisation off: a test-only trade (2-3x quicker to compile
+    on these CPUs); the HLO, so what the model computes, is the same."""
+    lowered = jax.jit(fn).lower(*args)
+    return lowered.compile(compiler_options={"xla_backend_optimization_level": 0})(*args)
+
+
 def _images(batch, size, seed=0):
     return np.random.default_rng(seed).uniform(0, 1, (batch, size, size, 3)).astype(np.float32)
 
@@ -57,7 +64,7 @@ def test_resnet18_matches_torch_reference_on_all_taps_and_logits():
     def run(v, x):
         return model.apply(v, x, train=False), model.apply(v, x, method=model.classify)
 
-    taps, logits = jax.jit(run)(variables, images)
+    taps, logits = _run_fast(run, variables, images)
     for i, (ours, want) in enumerate(zip(taps, _torch_taps(ref, images)), start=1):
         assert _rel_err(ours, want) <= RTOL, f"V{i}"
     x = (images - np.asarray(IMAGENET_MEAN, np.float32)) / np.asarray(IMAGENET_STD, np.float32)
@@ -81,7 +88,7 @@ def test_resnet101_from_safetensors_matches_torch_reference(tmp_path):
     model = ResNet101()
     assert _shapes(variables) == _shapes(_abstract_vars(model))
     images = _images(1, 64, seed=3)
-    taps = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, images)
+    taps = _run_fast(lambda v, x: model.apply(v, x, train=False), variables, images)
     for i, (ours, want) in enumerate(zip(taps, _torch_taps(ref, images)), start=1):
         assert _rel_err(ours, want) <= RTOL, f"V{i}"
 
@@ -101,7 +108,8 @@ def test_real_torchvision_resnet18_state_dict_layout():
     ours = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
     assert real == ours
 
-    variables = convert_resnet(state, (2, 2, 2, 2), "basic", source="brach weights.pth")
+    # The whole path a user takes: read the .pth, strip `backbone.`, drop the 10-class fc.
+    variables = load_backbone_weights(_brach_weights(), "resnet18")
     assert _shapes(variables) == _shapes(_abstract_vars(ResNet18()))
     np.testing.assert_array_equal(
         variables["params"]["layer2_0"]["downsample_conv"]["kernel"][0, 0],
@@ -129,7 +137,7 @@ def test_resnet_stage_by_stage_equals_call_and_train_updates_stats():
         train = model.apply(v, x, train=True, mutable=["batch_stats"])
         return by_stage(v, x), model.apply(v, x), train
 
-    staged, taps, (_, updated) = jax.jit(run)(variables, x)  # one compile for the three
+    staged, taps, (_, updated) = _run_fast(run, variables, x)  # one compile for the three
     for ours, want in zip(staged, taps):
         np.testing.assert_allclose(ours, want, rtol=1e-6, atol=1e-6)
     before = variables["batch_stats"]["bn1"]["mean"]
@@ -160,6 +168,14 @@ def test_tiny_width_variant_shapes():
     taps = jax.eval_shape(lambda v, x: model.apply(v, x), variables, jnp.zeros((1, 96, 96, 3)))
     assert [t.shape[-1] for t in taps] == [16, 16, 32, 64, 128] == list(model.stage_channels)
     assert [t.shape[1] for t in taps] == [48, 24, 12, 6, 3]
+
+
+def test_bfloat16_compute_keeps_float32_variables():
+    model = ResNet18(width=16, dtype=jnp.bfloat16)
+    variables = _abstract_vars(model, 64)
+    assert {a.dtype for a in jax.tree.leaves(variables)} == {jnp.dtype(jnp.float32)}
+    taps = jax.eval_shape(lambda v, x: model.apply(v, x), variables, jnp.zeros((1, 64, 64, 3)))
+    assert {t.dtype for t in taps} == {jnp.dtype(jnp.bfloat16)}
 
 
 def test_resnet50_state_dict_into_resnet18_names_the_key():

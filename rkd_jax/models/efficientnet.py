@@ -247,9 +247,12 @@ class EfficientNet(nn.Module):
 
     def classify(self, x: jax.Array, train: bool = False) -> jax.Array:
         """Images `[B, H, W, 3]` in [0, 1] -> logits `[B, num_classes]` (head conv, pool, fc)."""
+        return self.head(self(x, train)[-1], train)
+
+    def head(self, v5: jax.Array, train: bool = False) -> jax.Array:
+        """V5 `[B, h, w, C5]` -> logits `[B, num_classes]`: conv 1x1 + BN + act, pool, fc."""
         if not self.num_classes:
-            raise ValueError("EfficientNet.classify needs num_classes > 0")
-        v5 = self(x, train)[-1]
+            raise ValueError("EfficientNet.classify/head need num_classes > 0")
         h = self.act(self.bn1(self.conv_head(v5), use_running_average=not train))
         return self.fc(jnp.mean(h, axis=(1, 2)))
 

@@ -176,9 +176,16 @@ class ResNet(nn.Module):
 
     def classify(self, x: jax.Array, train: bool = False) -> jax.Array:
         """Images `[B, H, W, 3]` in [0, 1] -> logits `[B, num_classes]` (global pool + fc)."""
+        return self.head(self(x, train)[-1], train)
+
+    def head(self, v5: jax.Array, train: bool = False) -> jax.Array:
+        """V5 `[B, h, w, C5]` -> logits `[B, num_classes]` (global average pool + fc).
+
+        `train` is unused (no dropout), kept for the same signature as EfficientNet.head.
+        """
+        del train
         if not self.num_classes:
-            raise ValueError("ResNet.classify needs num_classes > 0")
-        v5 = self(x, train)[-1]
+            raise ValueError("ResNet.classify/head need num_classes > 0")
         return self.fc(jnp.mean(v5, axis=(1, 2)))
 
 
