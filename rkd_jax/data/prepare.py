@@ -1,0 +1,179 @@
+"""Build the TFDS dataset of a REFER root once; generate the embedded dataset first if asked.
+
+`ensure_prepared(data_config)` is what training and evaluation call: with `root == ''` the
+embedded synthetic dataset is generated into `cache_dir()/synthetic/<seed>-<num_images>` (once;
+written to a temporary directory and renamed, with a marker file, so a killed generation is
+redone), then the TFDS dataset is built into `<data_dir>/<source>/refer_masks/<config>/...`.
+Builds are serialised with a file lock, so several processes on one machine build it once.
+
+    python -m rkd_jax.data.prepare --refer-root DIR --dataset refcoco --split-by unc --data-dir OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import hashlib
+import logging
+import os
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from rkd_jax import platform
+from rkd_jax.data import refer as refer_lib
+
+log = logging.getLogger(__name__)
+
+DONE_MARKER = ".complete"
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def synthetic_root(seed: int, num_images: int) -> Path:
+    """Where the embedded dataset of (seed, num_images) lives in the cache."""
+    return platform.cache_dir() / "synthetic" / f"{seed}-{num_images}"
+
+
+def ensure_synthetic(seed: int, num_images: int) -> Path:
+    """Generate the embedded dataset into the cache unless a finished copy is there -> root."""
+    root = synthetic_root(seed, num_images)
+    if (root / DONE_MARKER).is_file():
+        return root
+    with _file_lock(root.parent / f".{root.name}.lock"):
+        if (root / DONE_MARKER).is_file():
+            return root
+        from rkd_jax.data import synthetic
+
+        tmp = root.parent / f".{root.name}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        start = time.perf_counter()
+        summary = synthetic.generate(tmp, seed=seed, num_images=num_images)
+        (tmp / DONE_MARKER).write_text(f"{summary}\n")
+        shutil.rmtree(root, ignore_errors=True)  # an unfinished copy from a killed run
+        os.replace(tmp, root)
+        log.info(
+            "generated %s (%d images) in %.1f s", root, num_images, time.perf_counter() - start
+        )
+    return root
+
+
+def source_key(root: str | Path, data_config=None) -> str:
+    """Directory name of one REFER root inside data_dir (datasets of two roots never mix)."""
+    if data_config is not None and not data_config.root:
+        return f"synthetic-{data_config.synthetic_seed}-{data_config.synthetic_num_images}"
+    resolved = Path(root).resolve()
+    digest = hashlib.sha1(str(resolved).encode()).hexdigest()[:10]
+    return f"{resolved.name or 'root'}-{digest}"
+
+
+def build(
+    refer_root: str | Path,
+    dataset: str,
+    split_by: str,
+    data_dir: str | Path,
+    skip_corrupt_images: bool = False,
+):
+    """Build (once) the TFDS dataset of `refer_root` into `data_dir` -> the prepared builder."""
+    import tensorflow_datasets as tfds
+
+    from rkd_jax.data import tfds_builder
+
+    refer_lib.check_dataset(dataset, split_by)
+    data_dir = Path(data_dir)
+    b = tfds_builder.builder(data_dir, dataset, split_by, refer_root, skip_corrupt_images)
+    if b.is_prepared():
+        return b
+    with _file_lock(data_dir / f".{tfds_builder.config_name(dataset, split_by)}.lock"):
+        b = tfds_builder.builder(data_dir, dataset, split_by, refer_root, skip_corrupt_images)
+        if not b.is_prepared():
+            start = time.perf_counter()
+            tfds.disable_progress_bar()
+            b.download_and_prepare()
+            log.info("built %s in %.1f s", b.data_dir, time.perf_counter() - start)
+    return tfds_builder.builder(data_dir, dataset, split_by)
+
+
+def ensure_prepared(data_config) -> tuple[str, str]:
+    """Make sure the TFDS dataset of `data_config` exists -> (tfds data_dir, 'refer_masks/<cfg>').
+
+    Uses data_config.root ('' = the embedded synthetic dataset of synthetic_seed and
+    synthetic_num_images), dataset, split_by, data_dir ('' = cache_dir()/tfds) and
+    skip_corrupt_images.
+    """
+    from rkd_jax.data import tfds_builder
+
+    refer_lib.check_dataset(data_config.dataset, data_config.split_by)
+    if data_config.root:
+        root = Path(data_config.root)
+    else:
+        root = ensure_synthetic(
+            int(data_config.synthetic_seed), int(data_config.synthetic_num_images)
+        )
+    base = Path(data_config.data_dir) if data_config.data_dir else platform.cache_dir() / "tfds"
+    data_dir = base / source_key(root, data_config)
+    build(
+        root,
+        data_config.dataset,
+        data_config.split_by,
+        data_dir,
+        bool(data_config.skip_corrupt_images),
+    )
+    config = tfds_builder.config_name(data_config.dataset, data_config.split_by)
+    name = f"{tfds_builder.BUILDER_NAME}/{config}"
+    return str(data_dir), name
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="Build the TFDS dataset (with masks) of a REFER root")
+    p.add_argument("--refer-root", default="", help="REFER root; empty: the embedded dataset")
+    p.add_argument("--dataset", default="refcoco", choices=sorted({d for d, _ in refer_lib.VALID}))
+    p.add_argument("--split-by", default="unc", choices=sorted({s for _, s in refer_lib.VALID}))
+    p.add_argument("--data-dir", default="", help="TFDS data_dir (default: the rkd_jax cache)")
+    p.add_argument("--skip-corrupt-images", action="store_true")
+    p.add_argument("--synthetic-seed", type=int, default=0)
+    p.add_argument("--synthetic-num-images", type=int, default=5000)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    import ml_collections
+
+    cfg = ml_collections.ConfigDict(
+        {
+            "root": args.refer_root,
+            "dataset": args.dataset,
+            "split_by": args.split_by,
+            "data_dir": args.data_dir,
+            "skip_corrupt_images": args.skip_corrupt_images,
+            "synthetic_seed": args.synthetic_seed,
+            "synthetic_num_images": args.synthetic_num_images,
+        }
+    )
+    start = time.perf_counter()
+    try:
+        data_dir, name = ensure_prepared(cfg)
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    from rkd_jax.data import tfds_builder
+
+    b = tfds_builder.builder(data_dir, args.dataset, args.split_by)
+    print(f"{name} in {data_dir} ({time.perf_counter() - start:.1f} s)")
+    for split, info in sorted(b.info.splits.items()):
+        print(f"  {split:<12} {info.num_examples:>8} examples")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
