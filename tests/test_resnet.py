@@ -119,6 +119,17 @@ def test_real_torchvision_resnet18_state_dict_layout():
     assert with_head["params"]["fc"]["kernel"].shape == (512, 10)
 
 
+def test_load_backbone_weights_pth_with_width_and_stage_overrides(tmp_path):
+    ref = TorchResNet((1, 1, 1, 1), "basic", width=16, num_classes=5)
+    path = tmp_path / "tiny.pth"
+    torch.save({"state_dict": ref.state_dict()}, path)  # a training checkpoint wrapper
+    variables = load_backbone_weights(path, "resnet18", width=16, stage_sizes=(1, 1, 1, 1))
+    assert _shapes(variables) == _shapes(_abstract_vars(ResNet18(width=16, stage_sizes=(1,) * 4)))
+    # () means "the named depth's", as a config with no override passes it.
+    with pytest.raises(ConversionError, match=r"missing key 'layer1\.1\.conv1\.weight'"):
+        load_backbone_weights(path, "resnet18", width=16, stage_sizes=())
+
+
 def test_resnet_stage_by_stage_equals_call_and_train_updates_stats():
     model = ResNet(stage_sizes=(1, 1, 1, 1), block="bottleneck", width=8)
     x = _images(2, 32)

