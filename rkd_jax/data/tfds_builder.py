@@ -127,11 +127,11 @@ class ReferMasks(tfds.core.GeneratorBasedBuilder):
             )
         cfg = self.builder_config
         refer = refer_lib.Refer(self._refer_root, cfg.dataset, cfg.split_by)
-        tables, images_ok, skipped = {}, {}, {}
+        tables = {}
         for split in refer.splits:
-            refs = refer.refs(split)
-            tables[split] = sorted({s for r in refs for s in r["sentences"]})
-            images_ok[split], skipped[split] = self._check_images(refer, refs)
+            tables[split] = sorted({s for r in refer.refs(split) for s in r["sentences"]})
+        all_refs = [r for split in refer.splits for r in refer.refs(split)]
+        images_ok, skipped = self._check_images(refer, all_refs)
         self.info.metadata["refer_root"] = str(self._refer_root.resolve())
         self.info.metadata["dataset"] = cfg.dataset
         self.info.metadata["split_by"] = cfg.split_by
@@ -139,13 +139,21 @@ class ReferMasks(tfds.core.GeneratorBasedBuilder):
         self.info.metadata["skipped_images"] = skipped
         gens = {}
         for split in refer.splits:
-            gens[split] = self._generate_examples(
-                refer, split, tables[split], images_ok[split], False
-            )
-        for split in eval_splits(cfg.dataset, cfg.split_by):
-            gens[flat_split(split)] = self._generate_examples(
-                refer, split, tables[split], images_ok[split], True
-            )
+            if not any(r["image_id"] in images_ok for r in refer.refs(split)):
+                # TFDS cannot write an empty split; a split whose images were all skipped is
+                # left out, and asking for it later names the splits there are.
+                log.warning(
+                    "%s/%s: split %s has no readable images; not built",
+                    cfg.dataset,
+                    cfg.split_by,
+                    split,
+                )
+                continue
+            gens[split] = self._generate_examples(refer, split, tables[split], images_ok, False)
+            if split in eval_splits(cfg.dataset, cfg.split_by):
+                gens[flat_split(split)] = self._generate_examples(
+                    refer, split, tables[split], images_ok, True
+                )
         return gens
 
     def _check_images(self, refer: refer_lib.Refer, refs: list[dict]) -> tuple[set, list]:
