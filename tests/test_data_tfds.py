@@ -105,7 +105,8 @@ def test_embedded_dataset_is_generated_and_built_once(tmp_path, monkeypatch):
     (stale / "half-written").write_text("x")
     data_dir, name = prepare.ensure_prepared(_config())
     assert name == "refer_masks/refcoco_unc"
-    assert data_dir == str(tmp_path / "cache" / "tfds" / "synthetic-5-8")
+    version = synthetic.GENERATOR_VERSION
+    assert data_dir == str(tmp_path / "cache" / "tfds" / f"synthetic-v{version}-5-8")
     assert (stale / prepare.DONE_MARKER).is_file() and not (stale / "half-written").exists()
     b = tfds_builder.builder(data_dir, "refcoco", "unc")
     assert b.info.metadata["refer_root"] == str(stale.resolve())
@@ -117,6 +118,10 @@ def test_embedded_dataset_is_generated_and_built_once(tmp_path, monkeypatch):
     monkeypatch.setattr(synthetic, "generate", fail)
     monkeypatch.setattr(tfds_builder.ReferMasks, "download_and_prepare", fail)
     assert prepare.ensure_prepared(_config()) == (data_dir, name)
+    # Output of an older generator version is generated again.
+    (stale / prepare.DONE_MARKER).write_text(f"v{version - 1}\n")
+    with pytest.raises(AssertionError, match="generated or built twice"):
+        prepare.ensure_synthetic(5, 8)
 
 
 def test_prepare_cli(tmp_path, capsys):

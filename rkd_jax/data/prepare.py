@@ -15,6 +15,7 @@ import argparse
 import contextlib
 import fcntl
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -47,22 +48,33 @@ def synthetic_root(seed: int, num_images: int) -> Path:
     return platform.cache_dir() / "synthetic" / f"{seed}-{num_images}"
 
 
+def _finished(root: Path, version: int) -> bool:
+    try:
+        return (root / DONE_MARKER).read_text().split()[0] == f"v{version}"
+    except (OSError, IndexError):
+        return False
+
+
 def ensure_synthetic(seed: int, num_images: int) -> Path:
-    """Generate the embedded dataset into the cache unless a finished copy is there -> root."""
+    """Generate the embedded dataset into the cache unless a finished copy is there -> root.
+
+    The marker file names the generator version: output of an older generator is redone.
+    """
+    from rkd_jax.data import synthetic
+
     root = synthetic_root(seed, num_images)
-    if (root / DONE_MARKER).is_file():
+    version = synthetic.GENERATOR_VERSION
+    if _finished(root, version):
         return root
     with _file_lock(root.parent / f".{root.name}.lock"):
-        if (root / DONE_MARKER).is_file():
+        if _finished(root, version):
             return root
-        from rkd_jax.data import synthetic
-
         tmp = root.parent / f".{root.name}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         start = time.perf_counter()
         summary = synthetic.generate(tmp, seed=seed, num_images=num_images)
-        (tmp / DONE_MARKER).write_text(f"{summary}\n")
-        shutil.rmtree(root, ignore_errors=True)  # an unfinished copy from a killed run
+        (tmp / DONE_MARKER).write_text(f"v{version}\n{json.dumps(summary)}\n")
+        shutil.rmtree(root, ignore_errors=True)  # an unfinished or outdated copy
         os.replace(tmp, root)
         log.info(
             "generated %s (%d images) in %.1f s", root, num_images, time.perf_counter() - start
@@ -73,7 +85,10 @@ def ensure_synthetic(seed: int, num_images: int) -> Path:
 def source_key(root: str | Path, data_config=None) -> str:
     """Directory name of one REFER root inside data_dir (datasets of two roots never mix)."""
     if data_config is not None and not data_config.root:
-        return f"synthetic-{data_config.synthetic_seed}-{data_config.synthetic_num_images}"
+        from rkd_jax.data import synthetic
+
+        seed, n = data_config.synthetic_seed, data_config.synthetic_num_images
+        return f"synthetic-v{synthetic.GENERATOR_VERSION}-{seed}-{n}"
     resolved = Path(root).resolve()
     digest = hashlib.sha1(str(resolved).encode()).hexdigest()[:10]
     return f"{resolved.name or 'root'}-{digest}"

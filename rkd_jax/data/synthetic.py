@@ -37,6 +37,8 @@ from pathlib import Path
 
 import numpy as np
 
+# Bump when the generated data changes for a given seed, so caches of older output are redone.
+GENERATOR_VERSION = 1
 SPLITS = ("train", "val", "testA", "testB")
 IMAGE_SUBDIR = Path("images") / "mscoco" / "images" / "train2014"
 VARIANTS = ("refcoco", "refcoco+")
@@ -424,29 +426,41 @@ def candidate_queries(
     objects: Sequence[SceneObject],
     variant: str,
     anchors: list[list[Query]] | None = None,
+    families: Sequence[str] = FAMILIES,
 ) -> dict:
-    """Every query of the grammar that picks `target` with clear margins -> {family: [Query]}."""
+    """Every query of the grammar that picks `target` with clear margins -> {family: [Query]}.
+
+    Only `families` are enumerated (relations are the costly ones).
+    """
     o = objects[target]
-    anchors = anchor_queries(objects) if anchors is None else anchors
-    out: dict[str, list[Query]] = {f: [] for f in FAMILIES}
+    out: dict[str, list[Query]] = {f: [] for f in families}
 
     def keep(q: Query, family: str):
         if resolve(q, objects, strict=True) == target:
             out[family].append(q)
 
-    keep(Query(shape=o.category), "shape_only")
-    keep(Query(colour=o.colour), "colour_only")
-    keep(Query(shape=o.category, colour=o.colour), "colour_shape")
+    if "shape_only" in out:
+        keep(Query(shape=o.category), "shape_only")
+    if "colour_only" in out:
+        keep(Query(colour=o.colour), "colour_only")
+    if "colour_shape" in out:
+        keep(Query(shape=o.category, colour=o.colour), "colour_shape")
     heads = ((o.category, None), (o.category, o.colour))
     for shape, colour in heads:
         # Size and location only where they are needed: the head alone is ambiguous.
+        if not {"size", "location"} & out.keys():
+            break
         if resolve(Query(shape=shape, colour=colour), objects) is not None:
             continue
-        for size in ("big", "small"):
-            keep(Query(shape=shape, colour=colour, size=size), "size")
-        if variant == "refcoco":
+        if "size" in out:
+            for size in ("big", "small"):
+                keep(Query(shape=shape, colour=colour, size=size), "size")
+        if "location" in out and variant == "refcoco":
             for loc in ("left", "right", "top", "bottom"):
                 keep(Query(shape=shape, colour=colour, loc=loc), "location")
+    if "relation" not in out:
+        return out
+    anchors = anchor_queries(objects) if anchors is None else anchors
     kinds = ("closest", "behind", "front") if variant == "refcoco" else ("behind", "front")
     for a, aqs in enumerate(anchors):
         if a == target:
@@ -470,20 +484,28 @@ def choose_expressions(
     count: int,
     anchors: list[list[Query]] | None = None,
 ) -> list[tuple[str, str]]:
-    """Up to `count` distinct expressions for `target` -> [(family, sent)], families varied."""
-    options = candidate_queries(target, objects, variant, anchors)
+    """Up to `count` distinct expressions for `target` -> [(family, sent)], families varied.
+
+    A family is drawn by its weight among the families that can describe the target (prefering
+    families not used yet); its queries are only enumerated once it is drawn.
+    """
     weights = _FAMILY_WEIGHTS[variant]
+    options: dict[str, list[Query]] = {}
     chosen: list[tuple[str, str]] = []
     used_families: set[str] = set()
-    for _ in range(4 * count):
-        if len(chosen) == count:
+    attempts = 0
+    while len(chosen) < count and attempts < 4 * count:
+        possible = [f for f in weights if options.get(f, True)]  # unknown or non-empty
+        if not possible:
             break
-        available = [f for f in weights if options.get(f)]
-        if not available:
-            break
-        fresh = [f for f in available if f not in used_families] or available
-        p = np.array([weights[f] for f in fresh], dtype=np.float64)
-        family = fresh[int(rng.choice(len(fresh), p=p / p.sum()))]
+        fresh = [f for f in possible if f not in used_families] or possible
+        cum = np.cumsum([weights[f] for f in fresh])
+        family = fresh[int(np.searchsorted(cum, rng.random() * cum[-1], side="right"))]
+        if family not in options:
+            options.update(candidate_queries(target, objects, variant, anchors, (family,)))
+            if not options[family]:
+                continue  # drawing again among the rest = drawing among the available ones
+        attempts += 1
         q = options[family][int(rng.integers(len(options[family])))]
         text = realize(rng, q, variant)
         # The emitted words must mean what was chosen: the grammar's own round trip.
@@ -621,12 +643,16 @@ def _background(rng: np.random.Generator, width: int, height: int) -> np.ndarray
     scale = rng.uniform(0.3, 1.0) * min(pw / width, ph / height)
     cw, ch = max(8, int(width * scale)), max(8, int(height * scale))
     x0, y0 = int(rng.integers(0, pw - cw + 1)), int(rng.integers(0, ph - ch + 1))
-    crop = Image.fromarray(photo[y0 : y0 + ch, x0 : x0 + cw])
-    bg = np.asarray(crop.resize((width, height), Image.BILINEAR), np.float32)
+    crop = Image.fromarray(photo[y0 : y0 + ch, x0 : x0 + cw]).resize(
+        (width, height), Image.BILINEAR
+    )
     if rng.random() < 0.5:
-        bg = bg[:, ::-1]
-    bg = bg * rng.uniform(0.6, 1.0, size=3).astype(np.float32) + np.float32(rng.uniform(30, 90))
-    return np.clip(bg, 0, 255).astype(np.uint8)
+        crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
+    gain, offset = rng.uniform(0.6, 1.0, size=3), rng.uniform(30, 90)
+    # One lookup table per channel: tint and lift without a float copy of the image.
+    v = np.arange(256)
+    lut = np.concatenate([np.clip(v * g + offset, 0, 255) for g in gain]).astype(np.uint8)
+    return np.asarray(crop.point(lut.tolist()))
 
 
 @dataclasses.dataclass
@@ -728,8 +754,14 @@ def _place(rng, spec, width: int, height: int) -> tuple[list[_Placed], list[bool
             cx = rng.uniform(radius + 2, width - radius - 2)
             cy = rng.uniform(radius + 2, height - radius - 2)
             poly = shape + np.array([cx, cy])
+            lo_xy, hi_xy = poly.min(0), poly.max(0)
+            near = [
+                p
+                for p in placed
+                if (lo_xy <= p.polygon.max(0) + 1).all() and (p.polygon.min(0) - 1 <= hi_xy).all()
+            ]
             full = _raster([poly], height, width)
-            overlaps = any((full & p.full).any() for p in placed)
+            overlaps = any((full & p.full).any() for p in near)
             if overlaps and not allow_overlap:
                 continue
             cand = _Placed(category, colour, radius, (cx, cy), poly, full, rgb)
@@ -774,7 +806,7 @@ def _render(rng, bg: np.ndarray, objects: Sequence[_Placed]) -> bytes:
     from PIL import Image, ImageDraw
 
     height, width = bg.shape[:2]
-    k = 4  # supersampling: antialiased edges without a separate alpha pass
+    k = 3  # supersampling: antialiased edges without a separate alpha pass
     canvas = Image.fromarray(bg).resize((width * k, height * k), Image.NEAREST)
     draw = ImageDraw.Draw(canvas)
     for o in objects:
