@@ -1,0 +1,313 @@
+"""The jitted steps, sharding, multi-process equality, resume after SIGKILL, entry point."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import ROOT, tiny_config
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from rkd_jax import train
+from rkd_jax.models import build
+from rkd_jax.optim import make_optimizer
+
+
+def random_batch(config, batch: int = 8, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    s, t = config.data.image_size, config.data.max_tokens
+    tokens = rng.integers(1000, 3000, size=(batch, t)).astype(np.int32)
+    lengths = rng.integers(3, t + 1, size=batch)
+    token_mask = (np.arange(t)[None] < lengths[:, None]).astype(np.int32)
+    tokens[:, 0] = 101
+    tokens = np.where(token_mask > 0, tokens, 0).astype(np.int32)
+    return {
+        "image": rng.random((batch, s, s, 3), dtype=np.float32),
+        "mask": (rng.random((batch, s, s)) > 0.7).astype(np.int32),
+        "tokens": tokens,
+        "token_mask": token_mask,
+        "sentence_id": np.arange(batch, dtype=np.int32),
+    }
+
+
+def setup_models(config, mode="distill", tx=None):
+    student = build.build_model(config.student)
+    teacher = build.build_model(config.teacher)
+    size, length = config.data.image_size, config.data.max_tokens
+    s_vars = build.init_variables(student, config.student, build.make_key(1), size, length)
+    t_vars = build.init_variables(teacher, config.teacher, build.make_key(2), size, length)
+    if tx is None:
+        tx, _ = make_optimizer(config.train, 10, frozen=train.text_frozen)
+    state = train.TrainState(jnp.zeros((), jnp.int32), s_vars["params"], s_vars["batch_stats"],
+                             tx.init(s_vars["params"]))
+    step = train.make_train_step(config, mode, tx, student, teacher if mode == "distill" else None)
+    return step, state, t_vars
+
+
+@pytest.fixture(scope="module")
+def tiny_models():
+    config = tiny_config()
+    return config, setup_models(config)
+
+
+def count_convs(jaxpr) -> int:
+    n = 0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "conv_general_dilated":
+            n += 1
+        for v in eqn.params.values():
+            for sub in v if isinstance(v, (list, tuple)) else [v]:
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    n += count_convs(inner)
+    return n
+
+
+def test_distill_step_leaves_teacher_untouched_and_never_differentiates_it(tiny_models):
+    config, (step, state, t_vars) = tiny_models
+    batch = random_batch(config)
+    tables = {"student": None, "teacher": None}
+    before = jax.tree.map(np.array, t_vars)
+    jaxpr_distill = jax.make_jaxpr(step)(state, batch, t_vars, tables).jaxpr
+    new_state, metrics = step(jax.tree.map(jnp.copy, state), batch, t_vars, tables)
+    jax.tree.map(np.testing.assert_array_equal, before, jax.tree.map(np.array, t_vars))
+    assert set(metrics) >= {"loss", "loss_seg", "loss_vl", "loss_channel", "grad_norm"}
+    assert all(np.isfinite(float(v)) for v in metrics.values())
+    assert float(metrics["loss_vl"]) > 0 and float(metrics["loss_channel"]) > 0
+
+    # Convolutions in the distill step = the student's forward and backward (as in the
+    # student-only step) + the teacher's forward, exactly: a teacher backward would add more.
+    s_step, s_state, _ = setup_models(config, mode="student")
+    jaxpr_student = jax.make_jaxpr(s_step)(s_state, batch, t_vars, tables).jaxpr
+    teacher = build.build_model(config.teacher)
+    jaxpr_teacher = jax.make_jaxpr(
+        lambda v, b: teacher.apply(v, b["image"], b["tokens"], b["token_mask"])
+    )(t_vars, batch).jaxpr
+    assert count_convs(jaxpr_teacher) > 10
+    assert count_convs(jaxpr_distill) == count_convs(jaxpr_student) + count_convs(jaxpr_teacher)
+
+
+def test_distillation_gradients_reach_student_fusion_and_fpn(tiny_models):
+    config, (step, state, t_vars) = tiny_models
+    batch = random_batch(config, seed=3)
+    tables = {"student": None, "teacher": None}
+    new_state, _ = step(jax.tree.map(jnp.copy, state), batch, t_vars, tables)
+    moved = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), state.params,
+                         new_state.params)
+    for name in ("fusion_v3", "fusion_v4", "fusion_v5", "decoder", "visual"):
+        assert max(jax.tree.leaves(moved[name])) > 0, name
+    # the frozen text encoder does not move
+    assert max(jax.tree.leaves(moved["text_encoder"])) == 0
+
+
+def test_sharded_step_equals_single_device_step(tiny_models):
+    """A batch split over 4 devices gives the single-device result (rtol 1e-4: only the
+    order of floating-point reductions differs). Plain SGD, so that the parameters show the
+    gradients: Adam's first step is lr * sign(g) and would magnify rounding near g = 0."""
+    import optax
+
+    config, _ = tiny_models
+    step, state, t_vars = setup_models(config, tx=optax.sgd(0.1))
+    batch = random_batch(config, seed=5)
+    tables = {"student": None, "teacher": None}
+    results = []
+    for n in (1, 4):
+        mesh = Mesh(np.array(jax.devices()[:n]), ("data",))
+        rep = NamedSharding(mesh, P())
+        b = {k: jax.device_put(v, NamedSharding(mesh, P("data"))) for k, v in batch.items()}
+        s = jax.device_put(jax.tree.map(jnp.copy, state), rep)
+        tv = jax.device_put(t_vars, rep)
+        new_state, metrics = step(s, b, tv, tables)
+        results.append((jax.tree.map(np.asarray, new_state), float(metrics["loss"])))
+    (a, loss_a), (b, loss_b) = results
+    assert loss_a == pytest.approx(loss_b, rel=1e-5)
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6),
+                 a.params, b.params)
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6),
+                 a.batch_stats, b.batch_stats)
+
+
+WORKER = textwrap.dedent(
+    """
+    import os, sys
+    import numpy as np
+    import jax
+    pid, nproc, port, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+    if nproc > 1:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(coordinator_address=f"localhost:{port}",
+                                   num_processes=nproc, process_id=pid)
+    sys.path.insert(0, os.environ["RKD_TESTS_DIR"])
+    import jax.numpy as jnp
+    from conftest import tiny_config
+    from test_train import random_batch, setup_models
+    from rkd_jax import parallel
+    config = tiny_config()
+    step, state, t_vars = setup_models(config)
+    mesh = parallel.make_mesh()
+    state = parallel.replicate(state, mesh)
+    t_vars = parallel.replicate(t_vars, mesh)
+    tables = {"student": None, "teacher": None}
+    for i in range(3):
+        glob = random_batch(config, batch=8, seed=10 + i)
+        rows = 8 // nproc
+        local = {k: v[pid * rows:(pid + 1) * rows] for k, v in glob.items()}
+        state, metrics = step(state, parallel.put_batch(local, mesh), t_vars, tables)
+    leaves = [np.asarray(jax.device_get(x.addressable_shards[0].data))
+              for x in jax.tree.leaves(state.params)]
+    if pid == 0:
+        np.savez(out, *leaves)
+    print("done", pid, float(metrics["loss"]))
+    """
+)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_process(tmp_path):
+    """jax.distributed on CPU (gloo): 2 processes x 1 device, 3 distill steps, each process
+    feeding its half of the global batch -> the parameters of 1 process x 2 devices."""
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    env = dict(os.environ, RKD_TESTS_DIR=str(ROOT / "tests"), JAX_PLATFORMS="cpu",
+               XLA_FLAGS="--xla_force_host_platform_device_count=1 "
+               + " ".join(f for f in os.environ.get("XLA_FLAGS", "").split()
+                          if "device_count" not in f))
+    port = _free_port()
+    procs = [subprocess.Popen([sys.executable, str(script), str(i), "2", str(port),
+                               str(tmp_path / "two.npz")], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    env_one = dict(env, XLA_FLAGS=env["XLA_FLAGS"].replace("device_count=1", "device_count=2"))
+    one = subprocess.run([sys.executable, str(script), "0", "1", "0", str(tmp_path / "one.npz")],
+                         env=env_one, capture_output=True, text=True, timeout=600)
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert one.returncode == 0, one.stdout + one.stderr
+    for p, o in zip(procs, outs):
+        assert p.returncode == 0, o
+    a, b = np.load(tmp_path / "one.npz"), np.load(tmp_path / "two.npz")
+    assert len(a.files) == len(b.files) > 50
+    for k in a.files:
+        np.testing.assert_allclose(a[k], b[k], rtol=1e-4, atol=1e-6)
+
+
+KILLER = textwrap.dedent(
+    """
+    import os, signal, sys
+    from orbax.checkpoint._src.path import atomicity
+    target = int(os.environ["RKD_TEST_KILL_AT_SAVE"])
+    calls = {"n": 0}
+    orig = atomicity.AtomicRenameTemporaryPath.finalize
+    async def finalize(self, *a, **k):
+        if f"/{target}." in str(self.get()) or str(self.get()).rstrip("/").endswith(f"/{target}"):
+            os.kill(os.getpid(), signal.SIGKILL)  # killed in the middle of saving `target`
+        return await orig(self, *a, **k)
+    atomicity.AtomicRenameTemporaryPath.finalize = finalize
+    from absl import app
+    from rkd_jax import main
+    app.run(lambda argv: sys.exit(main.main(argv)))
+    """
+)
+
+
+def _params(run_dir: Path):
+    from rkd_jax.checkpoint import Checkpointer
+
+    c = Checkpointer(run_dir / "checkpoints", read_only=True)
+    step = c.latest_step()
+    c.close()
+    from rkd_jax.checkpoint import restore
+
+    _, variables, meta = restore(run_dir / "checkpoints" / str(step))
+    return step, variables
+
+
+@pytest.mark.slow
+def test_sigkill_during_save_then_resume_equals_uninterrupted(tmp_path):
+    """Teacher mode, 6 steps, checkpoints every 2: the process is SIGKILLed while saving
+    step 4; the same command resumes from step 2 and ends with the parameters of an
+    uninterrupted run (bit-identical on CPU)."""
+    overrides = ["--config.run.max_steps=6", "--config.run.checkpoint_every_steps=2",
+                 "--config.run.max_eval_examples=8", "--config.data.eval_splits=('val',)"]
+    cmd = ["--config", str(ROOT / "configs" / "teacher.py") + ":tiny"] + overrides
+    killer = tmp_path / "killer.py"
+    killer.write_text(KILLER)
+    env = dict(os.environ, RKD_TEST_KILL_AT_SAVE="4")
+    killed = subprocess.run([sys.executable, str(killer), *cmd, "--workdir", str(tmp_path / "b")],
+                            env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    steps = sorted(int(p.name) for p in (tmp_path / "b" / "checkpoints").iterdir()
+                   if p.name.isdigit())
+    assert steps == [2]  # step 4 never completed
+
+    from rkd_jax import main
+
+    from absl import flags
+
+    for workdir in ("a", "b"):
+        argv = ["main", *cmd, "--workdir", str(tmp_path / workdir)]
+        flags.FLAGS.unparse_flags()
+        flags.FLAGS(argv)
+        assert main.main(argv) == 0
+    step_a, va = _params(tmp_path / "a")
+    step_b, vb = _params(tmp_path / "b")
+    assert step_a == step_b == 6
+    jax.tree.map(np.testing.assert_array_equal, va, vb)
+    log_b = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").open()]
+    assert log_b[0]["step"] == 2 and log_b[-1]["step"] == 6
+
+
+def test_entry_point_all_modes_and_results(tiny_run):
+    """The tiny distill run (fixture): teacher trained first in its own subdirectory, the
+    student distilled, every eval split scored with the protocol written down."""
+    assert (tiny_run / "teacher" / "checkpoints").is_dir()
+    for split in ("val", "testA", "testB"):
+        res = json.loads((tiny_run / "results" / f"refcoco_{split}.json").read_text())
+        for resolution in ("network", "original"):
+            m = res["metrics"][resolution]
+            assert 0.0 <= m["mIoU"] <= 1.0 and 0.0 <= m["oIoU"] <= 1.0
+            assert {"P@0.5", "P@0.9"} <= set(m)
+        assert res["protocol"]["split"] == split
+        assert res["role"] == "student"
+    log = [json.loads(line) for line in (tiny_run / "metrics.jsonl").open()]
+    assert {"loss_vl", "loss_channel", "lr", "images_per_s", "grad_norm"} <= set(log[-1])
+    assert any("val_mIoU" in entry for entry in log)
+    assert list((tiny_run / "tensorboard").iterdir())
+
+
+def test_student_mode_two_steps(tmp_path):
+    config = tiny_config(max_steps=2, max_eval_examples=8)
+    config.mode = "student"
+    config.data.eval_splits = ("val",)
+    results = train.train_and_evaluate(config, tmp_path)
+    assert set(results) == {"val"}
+    log = [json.loads(line) for line in (tmp_path / "metrics.jsonl").open()]
+    assert log[-1]["step"] == 2 and "loss_vl" not in log[-1]
+    assert not (tmp_path / "teacher").exists()
+
+
+def test_teacher_checkpoint_of_another_architecture_is_refused(tiny_run, tmp_path):
+    config = tiny_config()
+    config.teacher_checkpoint = str(tiny_run)  # the student run, not a teacher
+    with pytest.raises(ValueError, match="another architecture|shape"):
+        train.train_and_evaluate(config, tmp_path)
+
+
+def test_nan_loss_stops_with_step_and_term(tmp_path):
+    config = tiny_config(max_steps=4, log_every_steps=1)
+    config.mode = "teacher"
+    config.teacher_train.lr = 1e30  # diverges at once
+    with pytest.raises(FloatingPointError, match=r"step \d+: (loss|grad_norm)"):
+        train.train_and_evaluate(config, tmp_path)
