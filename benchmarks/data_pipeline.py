@@ -21,6 +21,9 @@ import time
 
 import ml_collections
 
+# Run from a checkout without installing: the repository root holds the rkd_jax package.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 
 def data_config(args, image_size: int, num_workers: int) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(
