@@ -57,7 +57,12 @@ def _dataset_key(data_config) -> tuple:
 
 
 def _builder(data_config):
-    data_dir, dataset, split_by = _prepared(_dataset_key(data_config))
+    return _open_builder(*_prepared(_dataset_key(data_config)))
+
+
+@functools.lru_cache(maxsize=8)
+def _open_builder(data_dir: str, dataset: str, split_by: str):
+    # Reading dataset_info and the sentence tables once per process, not once per call.
     return tfds_builder.builder(data_dir, dataset, split_by)
 
 
