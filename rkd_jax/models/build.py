@@ -36,9 +36,17 @@ def text_config(model_cfg) -> BertConfig:
 def build_model(model_cfg, dtype: Any = jnp.float32, bert_config: BertConfig | None = None):
     """Segmenter for a model config (configs/distill.py: model_config)."""
     check_backbone_name(model_cfg.backbone)
+    bert_config = bert_config or text_config(model_cfg)
+    if not 1 <= int(model_cfg.text_num_layers) <= bert_config.num_layers:
+        where = model_cfg.text_encoder_dir or "the offline MiniLM (6 layers)"
+        raise ValueError(
+            f"text_num_layers={model_cfg.text_num_layers}, but the text encoder ({where}) has "
+            f"{bert_config.num_layers} layers; the paper variants need a BERT-base directory: "
+            "--config.teacher.text_encoder_dir=... --config.student.text_encoder_dir=..."
+        )
     return Segmenter(
         backbone=model_cfg.backbone,
-        text_config=bert_config or text_config(model_cfg),
+        text_config=bert_config,
         backbone_width=int(model_cfg.backbone_width),
         backbone_stage_sizes=tuple(int(s) for s in model_cfg.backbone_stage_sizes),
         text_num_layers=int(model_cfg.text_num_layers),
