@@ -69,8 +69,8 @@ def main(argv=None) -> int:
     p.add_argument("--student-before", default="", help="the student trained without teacher")
     p.add_argument("--out", default=str(ROOT / "docs"), help="output directory")
     args = p.parse_args(argv)
-    from skimage import data as skdata
     from PIL import Image
+    from skimage import data as skdata
 
     from rkd_jax import demo, predictor, visualize
 
