@@ -459,6 +459,11 @@ def load(
             f"config describes ({arch['backbone']} width {arch['backbone_width']}, fusion_dim "
             f"{arch['fusion_dim']}, fpn_dim {arch['fpn_dim']}); {e}"
         ) from None
+    # One device does the predicting: variables restored replicated over a training mesh would
+    # make every call run once per device.
+    import jax
+
+    variables = jax.device_put(variables, jax.devices()[0])
     return Predictor(config, model_config, role, variables, meta, batch_size, threshold, dtype)
 
 
