@@ -107,10 +107,17 @@ def test_metrics_match_independent_numpy_on_random_masks():
 
 @pytest.mark.parametrize(
     "src, dst",
-    [((16, 16), (64, 64)), ((4, 4), (37, 53)), ((24, 24), (384, 500)), ((1, 1), (5, 7)),
-     ((6, 9), (20, 31)), ((24, 24), (96, 96)),
-     # An original image smaller than the stride-4 map on one side: downsampling that axis.
-     ((24, 24), (10, 7)), ((9, 4), (3, 11))],
+    [
+        ((16, 16), (64, 64)),
+        ((4, 4), (37, 53)),
+        ((24, 24), (384, 500)),
+        ((1, 1), (5, 7)),
+        ((6, 9), (20, 31)),
+        ((24, 24), (96, 96)),
+        # An original image smaller than the stride-4 map on one side: downsampling that axis.
+        ((24, 24), (10, 7)),
+        ((9, 4), (3, 11)),
+    ],
 )
 def test_resize_margin_equals_jax_bilinear_resize(src, dst):
     margin = np.random.default_rng(sum(src + dst)).normal(size=src).astype(np.float32)
@@ -124,8 +131,7 @@ def test_resize_margin_identity_and_bilinear_matrix_rows_sum_to_one():
     margin = np.random.default_rng(1).normal(size=(7, 5)).astype(np.float32)
     np.testing.assert_allclose(evaluate.resize_margin(margin, 7, 5), margin, atol=1e-6)
     for out, inp in [(5, 3), (384, 24), (3, 10)]:
-        np.testing.assert_allclose(evaluate.bilinear_matrix(out, inp).sum(axis=1), 1.0,
-                                   atol=1e-6)
+        np.testing.assert_allclose(evaluate.bilinear_matrix(out, inp).sum(axis=1), 1.0, atol=1e-6)
 
 
 def eval_batch(rng, b, size, valid, orig_sizes=None):
@@ -134,8 +140,10 @@ def eval_batch(rng, b, size, valid, orig_sizes=None):
     if orig_sizes is None:
         orig = [m.astype(np.uint8) if v else None for m, v in zip(mask, valid)]
     else:
-        orig = [(rng.random(hw) < 0.3).astype(np.uint8) if v else None
-                for hw, v in zip(orig_sizes, valid)]
+        orig = [
+            (rng.random(hw) < 0.3).astype(np.uint8) if v else None
+            for hw, v in zip(orig_sizes, valid)
+        ]
     return {"mask": mask, "orig_mask": orig, "valid": np.asarray(valid)}
 
 
@@ -161,8 +169,7 @@ def test_original_resolution_scores_logits_resized_to_each_image():
     evaluate.score_batch(margins, batch, 0.6, net, orig)
     want = IoUAccumulator()
     for i, hw in enumerate(sizes):
-        big = np.asarray(jax.image.resize(jnp.asarray(margins[i]), hw, "bilinear",
-                                          antialias=False))
+        big = np.asarray(jax.image.resize(jnp.asarray(margins[i]), hw, "bilinear", antialias=False))
         # Logits are resized, then thresholded at logit(0.6), i.e. probability >= 0.6.
         want.add(*intersection_union(jax.nn.sigmoid(big) >= 0.6, batch["orig_mask"][i]))
     np.testing.assert_allclose(orig.sums, want.sums)
