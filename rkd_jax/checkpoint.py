@@ -154,7 +154,11 @@ def restore(path: str | Path) -> tuple[ml_collections.ConfigDict, dict, dict]:
     ckpt = Checkpointer(directory, read_only=True)
     try:
         meta = ckpt.read_meta(step)
-        out = ckpt.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+        # Without a target, arrays land on this process's first device, whatever the number
+        # of devices they were saved from (a checkpoint of 8 GPUs loads on a laptop).
+        fallback = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        out = ckpt.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(fallback_sharding=fallback)))
     finally:
         ckpt.close()
     state = out["state"]
