@@ -32,8 +32,11 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from rkd_jax.models.resnet import norm_or_folded
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+BN_EPSILON = 1e-3  # the TF reference's BatchNorm
 
 VARIANTS = ("b0", "lite0")
 
@@ -114,6 +117,15 @@ def _relu6(x):
     return jnp.minimum(jnp.maximum(x, 0), 6)
 
 
+def _bn_factory(fold_bn: bool, dtype: Any):
+    """BatchNorm constructor, or one that gives None where the norm is folded into the conv."""
+    if fold_bn:
+        return lambda: None
+    return functools.partial(
+        nn.BatchNorm, momentum=0.99, epsilon=BN_EPSILON, dtype=dtype, param_dtype=jnp.float32
+    )
+
+
 class _MBConv(nn.Module):
     """Inverted residual: expand 1x1 -> depthwise kxk -> (SE) -> project 1x1 (+ skip)."""
 
@@ -121,15 +133,18 @@ class _MBConv(nn.Module):
     act: Any
     drop_path: float = 0.0
     dtype: Any = jnp.float32
+    fold_bn: bool = False
 
     def setup(self):
         sp = self.spec
         conv = functools.partial(
-            nn.Conv, use_bias=False, padding="SAME", dtype=self.dtype, param_dtype=jnp.float32
+            nn.Conv,
+            use_bias=self.fold_bn,
+            padding="SAME",
+            dtype=self.dtype,
+            param_dtype=jnp.float32,
         )
-        bn = functools.partial(
-            nn.BatchNorm, momentum=0.99, epsilon=1e-3, dtype=self.dtype, param_dtype=jnp.float32
-        )
+        bn = _bn_factory(self.fold_bn, self.dtype)
         mid = sp.in_ch * sp.expand
         if sp.expand != 1:
             self.expand_conv = conv(mid, (1, 1))
@@ -148,16 +163,16 @@ class _MBConv(nn.Module):
         self.bn2 = bn()
 
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        sp, ura = self.spec, not train
+        sp = self.spec
         y = x
         if sp.expand != 1:
-            y = self.act(self.bn0(self.expand_conv(y), use_running_average=ura))
-        y = self.act(self.bn1(self.depthwise_conv(y), use_running_average=ura))
+            y = self.act(norm_or_folded(self.bn0, self.expand_conv(y), train))
+        y = self.act(norm_or_folded(self.bn1, self.depthwise_conv(y), train))
         if sp.se:
             s = jnp.mean(y, axis=(1, 2), keepdims=True)
             s = self.se_expand(self.act(self.se_reduce(s)))
             y = y * nn.sigmoid(s)
-        y = self.bn2(self.project_conv(y), use_running_average=ura)
+        y = norm_or_folded(self.bn2, self.project_conv(y), train)
         if sp.stride == 1 and sp.in_ch == sp.out_ch:
             if train and self.drop_path > 0:
                 keep = 1.0 - self.drop_path
@@ -177,6 +192,8 @@ class EfficientNet(nn.Module):
       drop_path_rate: stochastic depth of the last block, scaled linearly over blocks as in
         the reference; when > 0, training needs a 'dropout' rng.
       dtype: compute dtype; parameters and BatchNorm statistics stay float32.
+      fold_bn: inference-only variant whose convs carry a bias and no BatchNorm follows them
+        (variables from `rkd_jax.fold.fold_batch_norm`).
     """
 
     variant: str
@@ -185,17 +202,20 @@ class EfficientNet(nn.Module):
     num_classes: int = 0
     drop_path_rate: float = 0.0
     dtype: Any = jnp.float32
+    fold_bn: bool = False
 
     def setup(self):
         arch = architecture(self.variant, self.width_mult, self.depth_mult)
         self.arch = arch
         self.act = _relu6 if self.variant == "lite0" else nn.silu
         conv = functools.partial(
-            nn.Conv, use_bias=False, padding="SAME", dtype=self.dtype, param_dtype=jnp.float32
+            nn.Conv,
+            use_bias=self.fold_bn,
+            padding="SAME",
+            dtype=self.dtype,
+            param_dtype=jnp.float32,
         )
-        bn = functools.partial(
-            nn.BatchNorm, momentum=0.99, epsilon=1e-3, dtype=self.dtype, param_dtype=jnp.float32
-        )
+        bn = _bn_factory(self.fold_bn, self.dtype)
         self.conv_stem = conv(arch.stem, (3, 3), strides=(2, 2))
         self.bn0 = bn()
         n = len(arch.blocks)
@@ -205,6 +225,7 @@ class EfficientNet(nn.Module):
                 self.act,
                 drop_path=self.drop_path_rate * i / n,
                 dtype=self.dtype,
+                fold_bn=self.fold_bn,
                 name=f"blocks_{i}",
             )
             for i, spec in enumerate(arch.blocks)
@@ -229,7 +250,7 @@ class EfficientNet(nn.Module):
             mean = jnp.asarray((0.5, 0.5, 0.5) if lite else IMAGENET_MEAN, jnp.float32)
             std = jnp.asarray((0.5, 0.5, 0.5) if lite else IMAGENET_STD, jnp.float32)
             x = ((x.astype(jnp.float32) - mean) / std).astype(self.dtype)
-            x = self.act(self.bn0(self.conv_stem(x), use_running_average=not train))
+            x = self.act(norm_or_folded(self.bn0, self.conv_stem(x), train))
         for b in self.arch.taps[i - 1]:
             x = self.blocks[b](x, train)
         return x
@@ -253,7 +274,7 @@ class EfficientNet(nn.Module):
         """V5 `[B, h, w, C5]` -> logits `[B, num_classes]`: conv 1x1 + BN + act, pool, fc."""
         if not self.num_classes:
             raise ValueError("EfficientNet.classify/head need num_classes > 0")
-        h = self.act(self.bn1(self.conv_head(v5), use_running_average=not train))
+        h = self.act(norm_or_folded(self.bn1, self.conv_head(v5), train))
         return self.fc(jnp.mean(h, axis=(1, 2)))
 
 

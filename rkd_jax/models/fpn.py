@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import partial
-from typing import Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+BN_EPSILON = 1e-5
+
 
 def _upsample_to(x: jax.Array, like: jax.Array) -> jax.Array:
-    b, h, w, _ = like.shape
+    _, h, w, _ = like.shape
     if x.shape[1:3] == (h, w):
         return x
     return jax.image.resize(x, (x.shape[0], h, w, x.shape[-1]), "nearest")
@@ -27,6 +29,8 @@ class FPN(nn.Module):
 
     dim: int = 256
     dtype: jnp.dtype = jnp.float32
+    # Inference-only: smooth_bn folded into the smooth conv's kernel and bias (rkd_jax.fold).
+    fold_bn: bool = False
 
     @nn.compact
     def __call__(self, feats: Sequence[jax.Array], train: bool):
@@ -35,11 +39,22 @@ class FPN(nn.Module):
         for i, f in reversed(list(enumerate(feats))):
             lateral = conv(self.dim, (1, 1), name=f"lateral_{i}")(f)
             top = lateral if top is None else lateral + _upsample_to(top, lateral)
-        d = conv(self.dim, (3, 3), use_bias=False, name="smooth")(top)
-        d = nn.BatchNorm(
-            use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype,
-            param_dtype=jnp.float32, name="smooth_bn",
-        )(d)
+        d = conv(self.dim, (3, 3), use_bias=self.fold_bn, name="smooth")(top)
+        if self.fold_bn:
+            if train:
+                raise ValueError(
+                    "a BatchNorm-folded FPN (fold_bn=True) is inference-only: call it with "
+                    "train=False"
+                )
+        else:
+            d = nn.BatchNorm(
+                use_running_average=not train,
+                momentum=0.9,
+                epsilon=BN_EPSILON,
+                dtype=self.dtype,
+                param_dtype=jnp.float32,
+                name="smooth_bn",
+            )(d)
         d = nn.relu(d)
         logits = conv(2, (1, 1), name="classifier")(d)
         return d, logits

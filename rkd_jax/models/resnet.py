@@ -25,6 +25,7 @@ from flax import linen as nn
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+BN_EPSILON = 1e-5  # torchvision's BatchNorm2d
 
 BLOCK_KINDS = ("basic", "bottleneck")
 # torchvision's init: kaiming normal, fan_out, relu gain.
@@ -35,6 +36,18 @@ def _expansion(block: str) -> int:
     return 4 if block == "bottleneck" else 1
 
 
+def norm_or_folded(bn: nn.BatchNorm | None, x: jax.Array, train: bool) -> jax.Array:
+    """BatchNorm, or nothing where it was folded into the preceding conv (`bn` is None)."""
+    if bn is None:
+        if train:
+            raise ValueError(
+                "a BatchNorm-folded model (fold_bn=True) is inference-only: call it with "
+                "train=False, or train the unfolded model"
+            )
+        return x
+    return bn(x, use_running_average=not train)
+
+
 class _Block(nn.Module):
     """One basic or bottleneck block; `downsample` = conv1x1(stride) + BN on the shortcut."""
 
@@ -43,46 +56,53 @@ class _Block(nn.Module):
     stride: int
     downsample: bool
     dtype: Any = jnp.float32
+    fold_bn: bool = False
 
     def setup(self):
         conv = functools.partial(
             nn.Conv,
-            use_bias=False,
+            use_bias=self.fold_bn,
             dtype=self.dtype,
             param_dtype=jnp.float32,
             kernel_init=_conv_init,
         )
         bn = functools.partial(
-            nn.BatchNorm, momentum=0.9, epsilon=1e-5, dtype=self.dtype, param_dtype=jnp.float32
+            nn.BatchNorm,
+            momentum=0.9,
+            epsilon=BN_EPSILON,
+            dtype=self.dtype,
+            param_dtype=jnp.float32,
         )
+        # Folded: the BatchNorm lives in the conv's kernel and bias (rkd_jax.fold).
+        bn = None if self.fold_bn else bn
         s, p = self.stride, ((1, 1), (1, 1))
         if self.block == "basic":
             self.conv1 = conv(self.planes, (3, 3), strides=(s, s), padding=p)
-            self.bn1 = bn()
+            self.bn1 = bn and bn()
             self.conv2 = conv(self.planes, (3, 3), padding=p)
-            self.bn2 = bn()
+            self.bn2 = bn and bn()
         else:
             # torchvision v1.5: the stride sits on the 3x3 conv, not the first 1x1.
             self.conv1 = conv(self.planes, (1, 1))
-            self.bn1 = bn()
+            self.bn1 = bn and bn()
             self.conv2 = conv(self.planes, (3, 3), strides=(s, s), padding=p)
-            self.bn2 = bn()
+            self.bn2 = bn and bn()
             self.conv3 = conv(self.planes * 4, (1, 1))
-            self.bn3 = bn()
+            self.bn3 = bn and bn()
         if self.downsample:
             out = self.planes * _expansion(self.block)
             self.downsample_conv = conv(out, (1, 1), strides=(s, s))
-            self.downsample_bn = bn()
+            self.downsample_bn = bn and bn()
 
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        ura = not train
-        y = nn.relu(self.bn1(self.conv1(x), use_running_average=ura))
-        y = self.bn2(self.conv2(y), use_running_average=ura)
+        norm = functools.partial(norm_or_folded, train=train)
+        y = nn.relu(norm(self.bn1, self.conv1(x)))
+        y = norm(self.bn2, self.conv2(y))
         if self.block == "bottleneck":
-            y = self.bn3(self.conv3(nn.relu(y)), use_running_average=ura)
+            y = norm(self.bn3, self.conv3(nn.relu(y)))
         shortcut = x
         if self.downsample:
-            shortcut = self.downsample_bn(self.downsample_conv(x), use_running_average=ura)
+            shortcut = norm(self.downsample_bn, self.downsample_conv(x))
         return nn.relu(y + shortcut)
 
 
@@ -95,6 +115,8 @@ class ResNet(nn.Module):
       width: stem channels; stage i has width * 2**(i-1) planes (64 = torchvision).
       num_classes: size of the fc head used by `classify`; 0 = no head (backbone only).
       dtype: compute dtype; parameters and BatchNorm statistics stay float32.
+      fold_bn: inference-only variant whose convs carry a bias and no BatchNorm follows them
+        (variables from `rkd_jax.fold.fold_batch_norm`).
     """
 
     stage_sizes: Sequence[int]
@@ -102,6 +124,7 @@ class ResNet(nn.Module):
     width: int = 64
     num_classes: int = 0
     dtype: Any = jnp.float32
+    fold_bn: bool = False
 
     def setup(self):
         if self.block not in BLOCK_KINDS:
@@ -115,13 +138,17 @@ class ResNet(nn.Module):
             (7, 7),
             strides=(2, 2),
             padding=((3, 3), (3, 3)),
-            use_bias=False,
+            use_bias=self.fold_bn,
             dtype=self.dtype,
             param_dtype=jnp.float32,
             kernel_init=_conv_init,
         )
-        self.bn1 = nn.BatchNorm(
-            momentum=0.9, epsilon=1e-5, dtype=self.dtype, param_dtype=jnp.float32
+        self.bn1 = (
+            None
+            if self.fold_bn
+            else nn.BatchNorm(
+                momentum=0.9, epsilon=BN_EPSILON, dtype=self.dtype, param_dtype=jnp.float32
+            )
         )
         expansion = _expansion(self.block)
         in_ch = self.width
@@ -134,7 +161,15 @@ class ResNet(nn.Module):
                 s = stride if j == 0 else 1
                 ds = j == 0 and (s != 1 or in_ch != planes * expansion)
                 blocks.append(
-                    _Block(self.block, planes, s, ds, dtype=self.dtype, name=f"layer{i + 1}_{j}")
+                    _Block(
+                        self.block,
+                        planes,
+                        s,
+                        ds,
+                        dtype=self.dtype,
+                        fold_bn=self.fold_bn,
+                        name=f"layer{i + 1}_{j}",
+                    )
                 )
                 in_ch = planes * expansion
             layers.append(blocks)
@@ -151,12 +186,11 @@ class ResNet(nn.Module):
 
     def stage(self, i: int, x: jax.Array, train: bool) -> jax.Array:
         """Run stage `i` (1..5): images `[B, H, W, 3]` in [0, 1] -> V1; V_{i-1} -> V_i."""
-        ura = not train
         if i == 1:
             mean = jnp.asarray(IMAGENET_MEAN, jnp.float32)
             std = jnp.asarray(IMAGENET_STD, jnp.float32)
             x = ((x.astype(jnp.float32) - mean) / std).astype(self.dtype)
-            return nn.relu(self.bn1(self.conv1(x), use_running_average=ura))
+            return nn.relu(norm_or_folded(self.bn1, self.conv1(x), train))
         if not 2 <= i <= 5:
             raise ValueError(f"ResNet stage {i}: expected 1..5")
         if i == 2:

@@ -32,15 +32,16 @@ def check_backbone_name(name: str) -> None:
         raise ValueError(f"unknown backbone {name!r}; valid names: {', '.join(sorted(BACKBONES))}")
 
 
-def make_backbone(name: str, width: int, stage_sizes: tuple[int, ...], dtype: Any) -> nn.Module:
+def make_backbone(name: str, width: int, stage_sizes: tuple[int, ...], dtype: Any,
+                  fold_bn: bool = False) -> nn.Module:
     """Backbone constructor by config name; `width`/`stage_sizes` apply to ResNets only."""
     check_backbone_name(name)
     if name.startswith("resnet"):
-        kwargs = {"width": width, "dtype": dtype}
+        kwargs = {"width": width, "dtype": dtype, "fold_bn": fold_bn}
         if stage_sizes:
             kwargs["stage_sizes"] = tuple(stage_sizes)
         return BACKBONES[name](**kwargs)
-    return BACKBONES[name](dtype=dtype)
+    return BACKBONES[name](dtype=dtype, fold_bn=fold_bn)
 
 
 class Segmenter(nn.Module):
@@ -63,6 +64,7 @@ class Segmenter(nn.Module):
     fpn_dim: int = 256
     attention_norm: str = "softmax"
     dtype: Any = jnp.float32
+    fold_bn: bool = False  # inference-only, BatchNorm folded into convs (rkd_jax.fold)
 
     def setup(self):
         if self.attention_norm not in ATTENTION_NORMS:
@@ -70,14 +72,15 @@ class Segmenter(nn.Module):
                 f"attention_norm={self.attention_norm!r}; expected one of {ATTENTION_NORMS}"
             )
         self.visual = make_backbone(
-            self.backbone, self.backbone_width, self.backbone_stage_sizes, self.dtype
+            self.backbone, self.backbone_width, self.backbone_stage_sizes, self.dtype,
+            self.fold_bn,
         )
         self.text_encoder = Bert(self.text_config, num_layers=self.text_num_layers, dtype=self.dtype)
         self.fusions = [
             VLFusion(self.fusion_dim, self.attention_norm, self.dtype, name=f"fusion_v{s}")
             for s in FUSED_STAGES
         ]
-        self.decoder = FPN(self.fpn_dim, self.dtype)
+        self.decoder = FPN(self.fpn_dim, self.dtype, fold_bn=self.fold_bn)
 
     def encode_text(self, tokens: jax.Array, token_mask: jax.Array, train: bool = False):
         """[B, L] token ids and mask -> [B, L, D] text features (stop_gradient when frozen)."""
