@@ -265,7 +265,13 @@ def run_phase(config, run_dir: Path, role: str, mesh, teacher_vars=None) -> dict
     model_cfg, sched = phase_configs(config, role)
     dtype = build.resolve_dtype(config.run.compute_dtype)
     model = build.build_model(model_cfg, dtype)
-    teacher = build.build_model(config.teacher, dtype) if mode == "distill" else None
+    teacher = None
+    if mode == "distill":
+        # The frozen teacher only runs in inference mode: its BatchNorms fold into its convs.
+        from rkd_jax.fold import fold_batch_norm
+
+        teacher, teacher_vars = fold_batch_norm(build.build_model(config.teacher, dtype),
+                                                teacher_vars)
     roles = ("student", "teacher") if mode == "distill" else (role,)
     tokenize = make_tokenizer(config, roles)
     parallel.check_batch_size(int(sched.batch_size), f"{role} batch_size")
