@@ -18,9 +18,11 @@ The model's variables are constants of the exported graph. Beside the model go `
 a user of the file needs neither rkd_jax nor the checkpoint.
 
 The ONNX path traces the model to a jaxpr first and hands jax2onnx a replay of its lax
-primitives, so jax2onnx's patches of Flax layers never see our modules; max pools over NHWC
-are replayed as 3-D pools over [1, 1, B*C, H, W], because onnxruntime's CPU MaxPool runs 1- to
-3-D windows only.
+primitives, so jax2onnx's patches of Flax layers never see our modules. Max pools over NHWC
+are replayed as 3-D pools over [1, 1, B*C, H, W] (onnxruntime's CPU MaxPool runs 1- to 3-D
+windows only), and the Einsum nodes jax2onnx writes for Dense layers on [B, N, C] inputs become
+MatMul nodes (the same product, broadcast over the leading axes), which onnxruntime's int8
+quantiser handles and leaves nothing in float.
 """
 
 from __future__ import annotations
@@ -43,8 +45,11 @@ INPUT_NAMES = ("image", "tokens", "token_mask")
 OUTPUT_NAMES = ("prob", "margin")
 DEFAULT_OPSET = 23
 DEFAULT_CALIBRATION_EXAMPLES = 256
-# Weight-bearing ops are quantised (W8A8); everything between them stays float. See
-# docs/export.md for what quantising more (Add, Mul, Softmax pieces) costs in mIoU.
+# One artifact for CPU and NVIDIA GPU hosts: both lowerings share the constants (same file size).
+DEFAULT_PLATFORMS = ("cpu", "cuda")
+# Weight-bearing ops are quantised (W8A8) outside the text encoder; everything between them
+# stays float. docs/export.md has what quantising more (the text encoder: -2.5 mIoU points;
+# every op type onnxruntime can: -10.4) cost on the embedded val split.
 DEFAULT_QUANT_OPS = ("Conv", "MatMul", "Gemm")
 # ORT's quantised MatMul/Gemm on x86 runs u8 activations x s8 weights (its "U8S8" fast path).
 PARITY_SENTENCE = "the cat on the left"
@@ -70,15 +75,21 @@ def load_student(checkpoint: str | Path, allow_teacher: bool = False):
     from rkd_jax.models import build
     from rkd_jax.train import check_same_shapes
 
-    config, variables, meta = ckpt_lib.restore(checkpoint)
-    role = meta.get("role")
-    where = f"{meta.get('directory', checkpoint)}/{meta.get('step', '?')}"
+    # The role is in the small meta item: refuse a teacher before reading its weights.
+    directory, step = ckpt_lib.find_checkpoint(checkpoint)
+    reader = ckpt_lib.Checkpointer(directory, read_only=True)
+    try:
+        role = reader.read_meta(step).get("role")
+    finally:
+        reader.close()
+    where = f"{directory}/{step}"
     if role != "student" and not allow_teacher:
         raise ExportError(
             f"{where}: this checkpoint holds the {role or 'unknown-role'} model (meta role "
             f"{role!r}); export the student: pass the distillation or student run directory (not "
             "its teacher/ subdirectory), or add --allow-teacher to export it anyway"
         )
+    config, variables, meta = ckpt_lib.restore(f"{directory}/{step}")
     if "model" not in meta:
         raise ExportError(f"{where}: checkpoint meta has no 'model' config; cannot rebuild it")
     model_cfg = ml_collections.ConfigDict(meta["model"])
@@ -127,7 +138,7 @@ def input_specs(image_size: int, max_tokens: int, batch: int | None = None) -> l
 # jax.export
 
 
-def export_jax(fn: Callable, specs: list, platforms: tuple[str, ...] = ("cpu",)) -> bytes:
+def export_jax(fn: Callable, specs: list, platforms: tuple[str, ...] = DEFAULT_PLATFORMS) -> bytes:
     """Serialized jax.export artifact of `fn` (StableHLO with the variables as constants)."""
     try:
         exported = jax.export.export(jax.jit(fn), platforms=tuple(platforms))(*specs)
@@ -179,6 +190,24 @@ def _nhwc_pool_as_3d(x, params):
         window_dilation=(1, 1, 1),
     )
     return jnp.transpose(y.reshape(n, c, y.shape[1], y.shape[2]), (0, 2, 3, 1))
+
+
+def _dense_einsum_to_matmul(model) -> int:
+    """Rewrite Einsum('<lead>c,cd-><lead>d', x, W) with W an initializer as MatMul(x, W), in
+    place; returns how many nodes changed."""
+    weights = {i.name: len(i.dims) for i in model.graph.initializer}
+    changed = 0
+    for node in model.graph.node:
+        if node.op_type != "Einsum" or weights.get(node.input[1]) != 2:
+            continue
+        eq = next(a.s.decode() for a in node.attribute if a.name == "equation").replace(" ", "")
+        lhs, _, out = eq.partition("->")
+        x, _, w = lhs.partition(",")
+        if len(w) == 2 and x[-1] == w[0] and out == x[:-1] + w[1] and w[1] not in x:
+            node.op_type = "MatMul"
+            del node.attribute[:]
+            changed += 1
+    return changed
 
 
 def _replay(jaxpr, consts, args) -> list:
@@ -276,7 +305,7 @@ def export_onnx(fn: Callable, specs: list, opset: int = DEFAULT_OPSET, model_nam
     level = ir_log.level
     ir_log.setLevel(logging.ERROR)
     try:
-        return jax2onnx.to_onnx(
+        proto = jax2onnx.to_onnx(
             replay,
             specs,
             model_name=model_name,
@@ -294,6 +323,8 @@ def export_onnx(fn: Callable, specs: list, opset: int = DEFAULT_OPSET, model_nam
         ) from e
     finally:
         ir_log.setLevel(level)
+    _dense_einsum_to_matmul(proto)
+    return proto
 
 
 def _load_lax_plugins(plugin_system) -> None:
@@ -605,6 +636,21 @@ class TrainingImages:
         pass
 
 
+def text_only_nodes(model) -> list[str]:
+    """Names of the nodes of an ONNX graph that depend on tokens/token_mask but not on image."""
+    from_image, from_text, names = {"image"}, {"tokens", "token_mask"}, []
+    for node in model.graph.node:  # ONNX graphs are stored in topological order
+        img = any(i in from_image for i in node.input)
+        txt = any(i in from_text for i in node.input)
+        if img:
+            from_image.update(node.output)
+        if txt:
+            from_text.update(node.output)
+        if txt and not img:
+            names.append(node.name)
+    return names
+
+
 def quantize_int8(
     float_path: Path,
     out_path: Path,
@@ -612,8 +658,13 @@ def quantize_int8(
     op_types=DEFAULT_QUANT_OPS,
     nodes_to_exclude: tuple[str, ...] = (),
     method: str = "minmax",
+    float_text_encoder: bool = True,
 ) -> dict:
-    """Static QDQ int8 quantisation (per-channel s8 weights, u8 activations) of an ONNX file."""
+    """Static QDQ int8 quantisation (per-channel s8 weights, u8 activations) of an ONNX file.
+
+    `float_text_encoder` keeps every node that depends on the tokens but not on the image (the
+    text encoder and the padding-mask arithmetic) in float, besides `nodes_to_exclude`.
+    """
     _require("onnxruntime")
     from onnxruntime.quantization import (
         CalibrationDataReader,
@@ -639,6 +690,14 @@ def quantize_int8(
     pre = out_path.with_name(f".{out_path.name}.pre.onnx")
     try:
         quant_pre_process(str(float_path), str(pre), skip_symbolic_shape=True)
+        exclude = list(nodes_to_exclude)
+        text_nodes = []
+        if float_text_encoder:
+            import onnx
+
+            # Names after pre-processing: onnxruntime's optimiser renames the nodes it fuses.
+            text_nodes = text_only_nodes(onnx.load(str(pre), load_external_data=False))
+            exclude += text_nodes
         quantize_static(
             str(pre),
             str(out_path),
@@ -649,7 +708,7 @@ def quantize_int8(
             activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8,
             op_types_to_quantize=list(op_types) if op_types else None,
-            nodes_to_exclude=list(nodes_to_exclude) or None,
+            nodes_to_exclude=exclude or None,
             calibrate_method=methods[method],
             extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
         )
@@ -662,6 +721,9 @@ def quantize_int8(
         "calibration_method": method,
         "op_types_quantized": list(op_types) if op_types else "onnxruntime default",
         "nodes_excluded": list(nodes_to_exclude),
+        "text_encoder": f"float ({len(text_nodes)} nodes kept in float)"
+        if float_text_encoder
+        else "quantised like the rest",
         "calibration_examples": int(getattr(reader, "seen", 0)),
         "calibration_split": getattr(reader, "split", "train"),
     }
@@ -679,11 +741,12 @@ def export(
     batch: int | None = None,
     allow_teacher: bool = False,
     opset: int = DEFAULT_OPSET,
-    platforms: tuple[str, ...] = ("cpu",),
+    platforms: tuple[str, ...] = DEFAULT_PLATFORMS,
     calibration_examples: int = DEFAULT_CALIBRATION_EXAMPLES,
     calibration_method: str = "minmax",
     quant_op_types: tuple[str, ...] = DEFAULT_QUANT_OPS,
     exclude_nodes: tuple[str, ...] = (),
+    float_text_encoder: bool = True,
     eval_split: str | None = None,
     max_eval_examples: int = -1,
     latency_iters: int = 30,
@@ -768,7 +831,15 @@ def export(
         feed = batch or min(16, int(config.train.batch_size))
         reader = TrainingImages(config, tokenize, calibration_examples, feed, int(config.seed))
         t0 = time.perf_counter()
-        qinfo = quantize_int8(out, qpath, reader, quant_op_types, exclude_nodes, calibration_method)
+        qinfo = quantize_int8(
+            out,
+            qpath,
+            reader,
+            quant_op_types,
+            exclude_nodes,
+            calibration_method,
+            float_text_encoder,
+        )
         log(
             f"quantised {qpath} on {reader.seen} training examples ({reader.split} split) in "
             f"{time.perf_counter() - t0:.1f}s"
@@ -906,7 +977,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset")
     p.add_argument(
         "--platforms",
-        default="cpu",
+        default=",".join(DEFAULT_PLATFORMS),
         help="jax.export lowering platforms, comma separated (cpu, cuda, rocm, tpu)",
     )
     p.add_argument("--calibration-examples", type=int, default=DEFAULT_CALIBRATION_EXAMPLES)
@@ -920,6 +991,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--exclude-nodes", default="", help="ONNX node names kept in float, comma separated"
+    )
+    p.add_argument(
+        "--quantize-text-encoder",
+        action="store_true",
+        help="quantise the text encoder too (default: kept in float; quantised it cost 2.5 "
+        "mIoU points on the embedded val split, see docs/export.md)",
     )
     p.add_argument("--eval-split", default=None, help="split for the int8 report (default: val)")
     p.add_argument("--max-eval-examples", type=int, default=-1)
@@ -936,23 +1013,27 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    say = lambda s: print(s, file=sys.stderr)
+
+    def say(message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
     try:
         info = export(
             args.checkpoint,
             args.out,
             args.fmt,
-            args.quantize,
-            args.batch,
-            args.allow_teacher,
-            args.opset,
-            tuple(p for p in args.platforms.split(",") if p),
-            args.calibration_examples,
-            args.calibration_method,
-            tuple(t for t in args.quant_op_types.split(",") if t),
-            tuple(n for n in args.exclude_nodes.split(",") if n),
-            args.eval_split,
-            args.max_eval_examples,
+            quantize=args.quantize,
+            batch=args.batch,
+            allow_teacher=args.allow_teacher,
+            opset=args.opset,
+            platforms=tuple(p for p in args.platforms.split(",") if p),
+            calibration_examples=args.calibration_examples,
+            calibration_method=args.calibration_method,
+            quant_op_types=tuple(t for t in args.quant_op_types.split(",") if t),
+            exclude_nodes=tuple(n for n in args.exclude_nodes.split(",") if n),
+            float_text_encoder=not args.quantize_text_encoder,
+            eval_split=args.eval_split,
+            max_eval_examples=args.max_eval_examples,
             threads=args.threads,
             log=say,
         )

@@ -106,6 +106,13 @@ def test_onnx_parity_with_flax_on_real_inputs(exported, real_inputs, flax_refere
     prob, margin = sess.run(["prob", "margin"], feed)  # batch 11: the batch is dynamic
     check_parity("onnx", prob, margin, *flax_reference)
     one = {k: v[:1] for k, v in feed.items()}
+    # Dense layers are MatMul nodes on initializer weights (what the int8 quantiser handles).
+    import onnx
+
+    graph = onnx.load(str(out / "student.onnx")).graph
+    weights = {i.name for i in graph.initializer}
+    on_weights = [n.op_type for n in graph.node if len(n.input) > 1 and n.input[1] in weights]
+    assert "Einsum" not in on_weights and on_weights.count("MatMul") >= 10
     prob1, _ = sess.run(["prob", "margin"], one)
     np.testing.assert_allclose(prob1, prob[:1], atol=1e-5)
 
@@ -257,8 +264,16 @@ def test_int8_calibrates_on_training_images_only(
     assert info["calibration_examples"] == 16 and info["calibration_split"] == "train"
     import onnx
 
-    ops = {n.op_type for n in onnx.load(str(qpath)).graph.node}
-    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    graph = onnx.load(str(qpath)).graph
+    assert {"QuantizeLinear", "DequantizeLinear"} <= {n.op_type for n in graph.node}
+    # The text encoder stays float (the default): no product fed only by the tokens reads a
+    # dequantised tensor, while the image path's convolutions do.
+    dequantised = {n.output[0] for n in graph.node if n.op_type == "DequantizeLinear"}
+    text = set(export.text_only_nodes(onnx.load(str(qpath))))
+    products = [n for n in graph.node if n.op_type in ("MatMul", "Conv")]
+    assert any(n.name in text for n in products)
+    for n in products:
+        assert any(i in dequantised for i in n.input) == (n.name not in text), n.name
     sess = ort.InferenceSession(str(qpath), providers=["CPUExecutionProvider"])
     feed = dict(zip(("image", "tokens", "token_mask"), real_inputs))
     _, margin = sess.run(["prob", "margin"], feed)
