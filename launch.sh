@@ -1,9 +1,468 @@
 #!/usr/bin/env bash
-# The paper's experiment as resumable stages (issue 7, not built yet): data, teacher, student
-# baseline, distill, ablations, KD baselines, eval, report; `--paper --refer-root DIR` for the
-# real RefCOCO/RefCOCO+ runs, the embedded miniature by default; `--seeds N`.
-# Until then it runs the single distillation job that main provides.
+# The paper's experiment (Table I) as resumable stages:
+#
+#   data       prepare the TFDS dataset of every dataset (once)
+#   teacher    the teacher, fully supervised
+#   student    the student baseline (no distillation)
+#   distill    the paper: student + L_VL + L_C from the trained teacher
+#   ablations  L_VL only (lambda_channel=0), L_C only (lambda_vl=0)
+#   baselines  distillation baselines: pixel-wise logit KD, SKD pair-wise, CWD, ICKD
+#   lite0      the EfficientNet-Lite0 student (offline ImageNet weights), without and with
+#              distillation (and EfficientNet-B0 with --efficientnet-b0 FILE, paper setting)
+#   eval       re-score (--mode=eval) every trained run whose results files are missing
+#   report     results/table1.md + table1_miou.png (python -m rkd_jax.table) and the model
+#              report (python -m rkd_jax.report) at the paper and the miniature sizes
+#
+# Every training run is `python -m rkd_jax.main` in <root>/<dataset>/seed<k>/<run> and is
+# skipped when all its results files exist; a killed run resumes from its last checkpoint when
+# launch.sh is started again. See docs/experiment.md and `launch.sh --help`.
 set -euo pipefail
-cd "$(dirname "$0")"
-echo "launch.sh: the staged experiment is not built yet; running the default distillation job." >&2
-exec python -m rkd_jax.main --config=configs/distill.py --workdir="${1:-runs/distill}"
+
+usage() {
+  cat <<'EOF'
+usage: launch.sh [options] [--config.FIELD=VALUE ...]
+
+  --setting S         miniature (default: the embedded data, configs/distill.py),
+                      tiny (seconds-long smoke runs, used by the tests) or paper
+  --paper             same as --setting paper (real RefCOCO/RefCOCO+, the paper's settings)
+  --refer-root DIR    REFER root (paper setting; required there): DIR/refcoco, DIR/refcoco+,
+                      DIR/images/mscoco/images/train2014
+  --bert-dir DIR      Hugging Face bert-base-uncased directory (paper setting; required there)
+  --resnet101 FILE    ImageNet ResNet-101 weights for the teacher (torchvision/timm .pth)
+  --resnet18 FILE     ImageNet ResNet-18 weights for the ResNet-18 students
+  --efficientnet-b0 FILE
+                      ImageNet EfficientNet-B0 weights: adds the B0 student runs (paper)
+  --seeds N           seeds 0..N-1 of every run (default 3)
+  --root DIR          run directory (default runs/table1; runs/table1_paper for --paper,
+                      runs/table1_tiny for --setting tiny)
+  --out DIR           where the report goes (default results; results/paper for --paper,
+                      <root>/report for --setting tiny)
+  --stages "S ..."    run only these stages, in the fixed order (default: all)
+  --datasets "D ..."  datasets (default "refcoco refcoco+"; "refcoco" for --setting tiny)
+  --eval-splits "S ..."
+                      splits scored after training (default "val testA testB"; "val" for tiny)
+  --verbose           stream every run's output (default: into <root>/logs/, tail on failure)
+  --config.F=V        passed to every python -m rkd_jax.main call (e.g. --config.train.epochs=4)
+
+Environment: PYTHON (default python), JAX_COMPILATION_CACHE_DIR (default <root>/jax_cache).
+EOF
+}
+
+die() {
+  echo "launch.sh: error: $*" >&2
+  exit 2
+}
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+PY=${PYTHON:-python}
+ALL_STAGES=(data teacher student distill ablations baselines lite0 eval report)
+
+SETTING=miniature
+SEEDS=3
+ROOT=""
+OUT=""
+STAGES_ARG=""
+DATASETS_ARG=""
+SPLITS_ARG=""
+REFER_ROOT=""
+BERT_DIR=""
+RESNET101=""
+RESNET18=""
+EFFNET_B0=""
+VERBOSE=0
+EXTRA=()
+
+# Paths given on the command line are relative to the caller's directory.
+abspath() { realpath -m -- "$1"; }
+
+need_value() { [[ $# -ge 2 && -n "$2" ]] || die "$1 needs a value"; }
+
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    -h | --help) usage; exit 0 ;;
+    --paper) SETTING=paper ;;
+    --setting) need_value "$@"; SETTING=$2; shift ;;
+    --setting=*) SETTING=${1#*=} ;;
+    --refer-root) need_value "$@"; REFER_ROOT=$(abspath "$2"); shift ;;
+    --bert-dir) need_value "$@"; BERT_DIR=$(abspath "$2"); shift ;;
+    --resnet101) need_value "$@"; RESNET101=$(abspath "$2"); shift ;;
+    --resnet18) need_value "$@"; RESNET18=$(abspath "$2"); shift ;;
+    --efficientnet-b0) need_value "$@"; EFFNET_B0=$(abspath "$2"); shift ;;
+    --seeds) need_value "$@"; SEEDS=$2; shift ;;
+    --root) need_value "$@"; ROOT=$(abspath "$2"); shift ;;
+    --out) need_value "$@"; OUT=$(abspath "$2"); shift ;;
+    --stages) need_value "$@"; STAGES_ARG=$2; shift ;;
+    --datasets) need_value "$@"; DATASETS_ARG=$2; shift ;;
+    --eval-splits) need_value "$@"; SPLITS_ARG=$2; shift ;;
+    --verbose) VERBOSE=1 ;;
+    --config.*=*)
+      case "${1%%=*}" in
+        --config.seed) die "$1: launch.sh sets config.seed itself; use --seeds N" ;;
+        --config.mode | --config.teacher_checkpoint)
+          die "$1: launch.sh sets ${1%%=*} per stage" ;;
+        --config.data.dataset) die "$1: use --datasets \"refcoco refcoco+\"" ;;
+        --config.data.eval_splits) die "$1: use --eval-splits \"val testA testB\"" ;;
+        --config.data.root) die "$1: use --paper --refer-root DIR" ;;
+      esac
+      EXTRA+=("$1") ;;
+    --config.*) die "$1: write config overrides as --config.FIELD=VALUE (one argument)" ;;
+    *) die "unknown option $1 (see launch.sh --help)" ;;
+  esac
+  shift
+done
+
+[[ $SEEDS =~ ^[1-9][0-9]*$ ]] || die "--seeds $SEEDS: expected a positive integer"
+
+# Per setting: the config variant of the ResNet runs, the Lite0 runs' variant and overrides,
+# run-size overrides, defaults for datasets, splits, root and out.
+COMMON=()     # every main call
+R18_OVR=()    # the ResNet-18 student runs
+LITE_OVR=()   # the Lite0 student runs
+case "$SETTING" in
+  miniature)
+    VARIANT=""
+    LITE_VARIANT="lite0"
+    DEF_DATASETS="refcoco refcoco+"
+    DEF_SPLITS="val testA testB"
+    DEF_ROOT="$REPO/runs/table1"
+    DEF_OUT="$REPO/results"
+    REPORTS=("miniature:configs/distill.py" "miniature_lite0:configs/distill.py:lite0"
+             "paper:configs/distill.py:paper" "paper_b0:configs/distill.py:paper_b0")
+    REPORT_LATENCY=1
+    ;;
+  tiny)
+    VARIANT="tiny"
+    LITE_VARIANT="tiny"
+    LITE_OVR=(--config.student.backbone=efficientnet_lite0 --config.student.backbone_weights=offline)
+    COMMON=(--config.run.max_steps=2 --config.run.max_eval_examples=8)
+    DEF_DATASETS="refcoco"
+    DEF_SPLITS="val"
+    DEF_ROOT="$REPO/runs/table1_tiny"
+    DEF_OUT=""  # <root>/report
+    REPORTS=("tiny:configs/distill.py:tiny")
+    REPORT_LATENCY=0
+    ;;
+  paper)
+    [[ -n $REFER_ROOT ]] || die "--paper needs --refer-root DIR (the REFER layout of RefCOCO)"
+    [[ -d $REFER_ROOT ]] || die "--refer-root $REFER_ROOT: not a directory"
+    [[ -n $BERT_DIR ]] || die "--paper needs --bert-dir DIR (bert-base-uncased, Hugging Face layout)"
+    [[ -d $BERT_DIR ]] || die "--bert-dir $BERT_DIR: not a directory"
+    VARIANT="paper"
+    LITE_VARIANT="paper"
+    COMMON=(--config.data.root="$REFER_ROOT" --config.teacher.text_encoder_dir="$BERT_DIR"
+            --config.student.text_encoder_dir="$BERT_DIR")
+    LITE_OVR=(--config.student.backbone=efficientnet_lite0 --config.student.backbone_weights=offline)
+    DEF_DATASETS="refcoco refcoco+"
+    DEF_SPLITS="val testA testB"
+    DEF_ROOT="$REPO/runs/table1_paper"
+    DEF_OUT="$REPO/results/paper"
+    REPORTS=("paper:configs/distill.py:paper" "paper_b0:configs/distill.py:paper_b0"
+             "miniature:configs/distill.py" "miniature_lite0:configs/distill.py:lite0")
+    REPORT_LATENCY=1
+    ;;
+  *) die "--setting $SETTING: expected miniature, tiny or paper" ;;
+esac
+for f in "$RESNET101" "$RESNET18" "$EFFNET_B0"; do
+  [[ -z $f || -f $f ]] || die "weights file $f: not found"
+done
+if [[ $SETTING != paper && -n "$REFER_ROOT$BERT_DIR$RESNET101$RESNET18$EFFNET_B0" ]]; then
+  die "--refer-root, --bert-dir and the weight files belong to --paper"
+fi
+[[ -n $RESNET101 ]] && COMMON+=(--config.teacher.backbone_weights="$RESNET101")
+[[ -n $RESNET18 ]] && R18_OVR+=(--config.student.backbone_weights="$RESNET18")
+if [[ $SETTING == paper && -z "$RESNET101$RESNET18" ]]; then
+  echo "launch.sh: warning: no --resnet101/--resnet18 weights: backbones start from random" \
+    "initialisation (the paper starts from ImageNet)" >&2
+fi
+
+ROOT=${ROOT:-$DEF_ROOT}
+OUT=${OUT:-${DEF_OUT:-$ROOT/report}}
+read -r -a DATASETS <<<"${DATASETS_ARG:-$DEF_DATASETS}"
+read -r -a SPLITS <<<"${SPLITS_ARG:-$DEF_SPLITS}"
+[[ ${#DATASETS[@]} -gt 0 ]] || die "--datasets: empty"
+[[ ${#SPLITS[@]} -gt 0 ]] || die "--eval-splits: empty"
+for d in "${DATASETS[@]}"; do
+  [[ $d == refcoco || $d == refcoco+ ]] || die "--datasets: $d (expected refcoco and/or refcoco+)"
+done
+for s in "${SPLITS[@]}"; do
+  [[ $s =~ ^[A-Za-z0-9_]+$ ]] || die "--eval-splits: $s is not a split name"
+done
+SPLITS_TUPLE="($(printf "'%s'," "${SPLITS[@]}"))"
+
+if [[ -n $STAGES_ARG ]]; then
+  read -r -a WANT <<<"$STAGES_ARG"
+  for s in "${WANT[@]}"; do
+    [[ " ${ALL_STAGES[*]} " == *" $s "* ]] || die "--stages: unknown stage $s (valid: ${ALL_STAGES[*]})"
+  done
+else
+  WANT=("${ALL_STAGES[@]}")
+fi
+wanted() { [[ " ${WANT[*]} " == *" $1 "* ]]; }
+
+# One root holds one setting: a miniature run must never pass for a paper run.
+mkdir -p "$ROOT/logs" "$OUT"
+if [[ -f $ROOT/launch.json ]] && ! grep -q "\"setting\": \"$SETTING\"" "$ROOT/launch.json"; then
+  die "$ROOT holds another setting ($(tr -d '\n' <"$ROOT/launch.json")); use another --root"
+fi
+printf '{"setting": "%s", "seeds": %d, "datasets": [%s], "eval_splits": [%s]}\n' "$SETTING" \
+  "$SEEDS" "$(printf '"%s", ' "${DATASETS[@]}" | sed 's/, $//')" \
+  "$(printf '"%s", ' "${SPLITS[@]}" | sed 's/, $//')" >"$ROOT/launch.json"
+
+# Compiled programs are shared by the ~10 runs per seed (same shapes, same models).
+export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-$ROOT/jax_cache}
+export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=${JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS:-0}
+export JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES=${JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES:-0}
+cd "$REPO"
+
+STAGE=setup
+trap 'echo "launch.sh: FAILED in stage $STAGE (line $LINENO)" >&2' ERR
+
+# run_spec RUN -> CFG (config file:variant), RUN_OVR (overrides), TEACHER (1: needs the teacher).
+run_spec() {
+  TEACHER=0
+  case "$1" in
+    teacher) CFG="configs/teacher.py:$VARIANT"; RUN_OVR=() ;;
+    student) CFG="configs/student.py:$VARIANT"; RUN_OVR=("${R18_OVR[@]}") ;;
+    distill) CFG="configs/distill.py:$VARIANT"; RUN_OVR=("${R18_OVR[@]}"); TEACHER=1 ;;
+    vl_only)
+      CFG="configs/distill.py:$VARIANT"; TEACHER=1
+      RUN_OVR=("${R18_OVR[@]}" --config.distill.method=rkd --config.distill.lambda_channel=0.0) ;;
+    channel_only)
+      CFG="configs/distill.py:$VARIANT"; TEACHER=1
+      RUN_OVR=("${R18_OVR[@]}" --config.distill.method=rkd --config.distill.lambda_vl=0.0) ;;
+    logit_kd | skd | cwd | ickd)
+      CFG="configs/distill.py:$VARIANT"; TEACHER=1
+      RUN_OVR=("${R18_OVR[@]}" --config.distill.method="$1") ;;
+    lite0) CFG="configs/student.py:$LITE_VARIANT"; RUN_OVR=("${LITE_OVR[@]}") ;;
+    lite0_distill) CFG="configs/distill.py:$LITE_VARIANT"; RUN_OVR=("${LITE_OVR[@]}"); TEACHER=1 ;;
+    b0) CFG="configs/student.py:paper_b0"; RUN_OVR=(--config.student.backbone_weights="$EFFNET_B0") ;;
+    b0_distill)
+      CFG="configs/distill.py:paper_b0"; TEACHER=1
+      RUN_OVR=(--config.student.backbone_weights="$EFFNET_B0") ;;
+    *) die "internal: unknown run $1" ;;
+  esac
+  CFG=${CFG%:}
+}
+
+stage_runs() {
+  case "$1" in
+    teacher) echo teacher ;;
+    student) echo student ;;
+    distill) echo distill ;;
+    ablations) echo vl_only channel_only ;;
+    baselines) echo logit_kd skd cwd ickd ;;
+    lite0) echo lite0 lite0_distill; [[ -n $EFFNET_B0 ]] && echo b0 b0_distill; true ;;
+  esac
+}
+
+results_complete() {  # DIR DATASET
+  local s
+  for s in "${SPLITS[@]}"; do
+    [[ -f $1/results/${2}_$s.json ]] || return 1
+  done
+}
+
+record_time() {  # STAGE RUN SECONDS STATUS
+  printf '%s\t%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" "$(date -u +%Y-%m-%dT%H:%M:%SZ)" \
+    >>"$ROOT/stage_times.tsv"
+}
+
+# run_main STAGE NAME LOG ARGS...: one python -m rkd_jax.main, its output into LOG.
+run_main() {
+  local stage=$1 name=$2 log=$3 rc=0 t0=$SECONDS
+  shift 3
+  {
+    echo "# $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+    printf '%q ' "$PY" -m rkd_jax.main "$@"
+    echo
+  } >>"$log"
+  if ((VERBOSE)); then
+    "$PY" -m rkd_jax.main "$@" 2>&1 | tee -a "$log" || rc=$?
+  else
+    "$PY" -m rkd_jax.main "$@" >>"$log" 2>&1 || rc=$?
+  fi
+  if ((rc != 0)); then
+    record_time "$stage" "$name" $((SECONDS - t0)) "failed($rc)"
+    tail -n 30 "$log" >&2 || true
+    echo "launch.sh: FAILED in stage $stage: $name exited with $rc; full log: $log" >&2
+    exit 1
+  fi
+  record_time "$stage" "$name" $((SECONDS - t0)) ok
+  RUN_SECONDS=$((SECONDS - t0))
+}
+
+args_for() {  # RUN DATASET SEED -> ARGS
+  run_spec "$1"
+  ARGS=(--config="$CFG" "${COMMON[@]}" "${RUN_OVR[@]}" --config.seed="$3"
+        --config.data.dataset="$2" --config.data.eval_splits="$SPLITS_TUPLE" "${EXTRA[@]}")
+}
+
+train_stage() {
+  local stage=$1 run ds k dir name
+  for ds in "${DATASETS[@]}"; do
+    for ((k = 0; k < SEEDS; k++)); do
+      for run in $(stage_runs "$stage"); do
+        dir="$ROOT/$ds/seed$k/$run"
+        name="$ds/seed$k/$run"
+        if results_complete "$dir" "$ds"; then
+          echo "skip $stage $name: results exist"
+          continue
+        fi
+        args_for "$run" "$ds" "$k"
+        if ((TEACHER)); then
+          local tdir="$ROOT/$ds/seed$k/teacher"
+          results_complete "$tdir" "$ds" ||
+            { echo "launch.sh: FAILED in stage $stage: $name needs the trained teacher $tdir" \
+                "(run the teacher stage first)" >&2; exit 1; }
+          ARGS+=(--config.teacher_checkpoint="$tdir")
+        fi
+        echo "run $stage $name (log: $ROOT/logs/${name//\//_}.log)"
+        run_main "$stage" "$name" "$ROOT/logs/${name//\//_}.log" "${ARGS[@]}" --workdir="$dir"
+        touch "$dir/.trained"
+        echo "done $stage $name in ${RUN_SECONDS}s: $dir/results/"
+      done
+    done
+  done
+  echo "stage $stage: results in $ROOT/<dataset>/seed<k>/{$(stage_runs "$stage" | tr '\n' ' ' |
+    sed 's/ $//; s/ /,/g')}/results/"
+}
+
+data_stage() {
+  local ds
+  for ds in "${DATASETS[@]}"; do
+    run_spec teacher
+    # Same config (and overrides) as the runs, so the data they read is the data prepared here.
+    "$PY" - "$ROOT/$ds/data.json" --config="$CFG" "${COMMON[@]}" --config.data.dataset="$ds" \
+      "${EXTRA[@]}" <<'PY' || { echo "launch.sh: FAILED in stage data ($ds)" >&2; exit 1; }
+import json
+import sys
+import time
+from pathlib import Path
+
+from absl import flags
+from ml_collections import config_flags
+
+marker = Path(sys.argv.pop(1))
+config_flag = config_flags.DEFINE_config_file("config")
+flags.FLAGS(sys.argv)
+data = config_flag.value.data
+want = json.loads(json.dumps(data.to_dict(), default=list))
+name = f"{data.dataset}"
+try:
+    done = json.loads(marker.read_text())
+except (OSError, ValueError):
+    done = {}
+if done.get("data") == want:
+    print(f"skip data {name}: results exist ({marker})")
+    sys.exit(0)
+from rkd_jax.data import prepare, tfds_builder  # noqa: E402
+
+t0 = time.perf_counter()
+data_dir, tfds_name = prepare.ensure_prepared(data)
+b = tfds_builder.builder(data_dir, data.dataset, data.split_by)
+splits = {k: int(v.num_examples) for k, v in sorted(b.info.splits.items())}
+marker.parent.mkdir(parents=True, exist_ok=True)
+payload = {"data": want, "tfds_data_dir": data_dir, "tfds_name": tfds_name, "splits": splits,
+           "seconds": time.perf_counter() - t0}
+marker.write_text(json.dumps(payload, indent=2) + "\n")
+print(f"data {name}: {tfds_name} in {data_dir} ({payload['seconds']:.1f}s); examples per split: "
+      + ", ".join(f"{k} {v}" for k, v in splits.items()))
+PY
+  done
+  echo "stage data: $ROOT/<dataset>/data.json (where the prepared TFDS dataset lives)"
+}
+
+has_checkpoint() {
+  local d
+  for d in "$1"/checkpoints/*/; do
+    [[ $(basename "$d") =~ ^[0-9]+$ ]] && return 0
+  done
+  return 1
+}
+
+eval_stage() {
+  local stage run ds k dir name
+  for ds in "${DATASETS[@]}"; do
+    for ((k = 0; k < SEEDS; k++)); do
+      for stage in teacher student distill ablations baselines lite0; do
+        for run in $(stage_runs "$stage"); do
+          dir="$ROOT/$ds/seed$k/$run"
+          name="$ds/seed$k/$run"
+          if results_complete "$dir" "$ds"; then
+            echo "skip eval $name: results exist"
+          elif [[ -f $dir/.trained ]] && has_checkpoint "$dir"; then
+            args_for "$run" "$ds" "$k"
+            echo "run eval $name (log: $ROOT/logs/${name//\//_}.log)"
+            run_main eval "$name" "$ROOT/logs/${name//\//_}.log" "${ARGS[@]}" --workdir="$dir" \
+              --mode=eval
+            echo "done eval $name in ${RUN_SECONDS}s: $dir/results/"
+          elif [[ -d $dir ]]; then
+            echo "eval $name: training not finished; resume it with --stages $stage"
+          else
+            echo "eval $name: not trained (stage $stage)"
+          fi
+        done
+      done
+    done
+  done
+  echo "stage eval: results in $ROOT/<dataset>/seed<k>/<run>/results/"
+}
+
+report_stage() {
+  local item name cfg json t0 rc
+  for item in "${REPORTS[@]}"; do
+    name=${item%%:*}
+    cfg=${item#*:}
+    json="$OUT/model_report_$name.json"
+    if [[ -f $json ]]; then
+      echo "skip report model_report_$name: results exist ($json)"
+      continue
+    fi
+    echo "run report model_report_$name ($cfg)"
+    t0=$SECONDS
+    rc=0
+    local lat=()
+    ((REPORT_LATENCY)) && lat=(--latency)
+    "$PY" -m rkd_jax.report --config "$cfg" "${lat[@]}" --json "$json.tmp" \
+      >"$OUT/model_report_$name.txt" 2>"$ROOT/logs/model_report_$name.log" || rc=$?
+    if ((rc != 0)); then
+      tail -n 30 "$ROOT/logs/model_report_$name.log" >&2 || true
+      echo "launch.sh: FAILED in stage report: model report $cfg exited with $rc" >&2
+      exit 1
+    fi
+    mv "$json.tmp" "$json"
+    record_time report "model_report_$name" $((SECONDS - t0)) ok
+    cat "$OUT/model_report_$name.txt"
+  done
+  # The table is regenerated whenever a results file, config or model report is newer.
+  local table="$OUT/table1.md" newer=""
+  if [[ -f $table && -f $OUT/table1_miou.png ]]; then
+    newer=$(find "$ROOT" "$OUT" \( -name '*.json' -o -name stage_times.tsv \) -newer "$table" \
+      -not -path '*/checkpoints/*' -not -path '*/jax_cache/*' -print -quit)
+    if [[ -z $newer ]]; then
+      echo "skip report table1: results exist ($table)"
+      echo "stage report: $OUT"
+      return
+    fi
+  fi
+  echo "run report table1"
+  "$PY" -m rkd_jax.table --root "$ROOT" --out "$OUT" --seeds "$SEEDS" \
+    --datasets "${DATASETS[@]}" --splits "${SPLITS[@]}" ||
+    { echo "launch.sh: FAILED in stage report: python -m rkd_jax.table" >&2; exit 1; }
+  echo "stage report: $table, $OUT/table1_miou.png, $OUT/model_report_*.{json,txt}"
+}
+
+echo "launch.sh: setting $SETTING, seeds $SEEDS, datasets ${DATASETS[*]}, splits ${SPLITS[*]}"
+echo "launch.sh: runs in $ROOT, report in $OUT, stages ${WANT[*]}"
+for STAGE in "${ALL_STAGES[@]}"; do
+  wanted "$STAGE" || continue
+  t_stage=$SECONDS
+  case "$STAGE" in
+    data) data_stage ;;
+    eval) eval_stage ;;
+    report) report_stage ;;
+    *) train_stage "$STAGE" ;;
+  esac
+  echo "stage $STAGE finished in $((SECONDS - t_stage))s"
+done
+echo "launch.sh: done"

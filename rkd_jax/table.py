@@ -1,0 +1,550 @@
+"""Table I from the results files of launch.sh: table1.md, table1.json and table1_miou.png.
+
+    python -m rkd_jax.table --root runs/table1 --out results/ [--seeds N]
+        [--datasets refcoco refcoco+] [--splits val testA testB]
+
+Reads `<root>/<dataset>/seed<k>/<run>/results/<dataset>_<split>.json` (written by
+`python -m rkd_jax.main`), each run's `config.json`, `<root>/stage_times.tsv` (wall time per
+run, written by launch.sh) and `<out>/model_report_*.json` (python -m rkd_jax.report --json).
+Every cell is the mean +- sample standard deviation (ddof=1) over seeds, in percent, with the
+number of seeds n; a seed whose results file is missing is never dropped from the count: the
+cell then reads "n=2 of 3".
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import math
+import re
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+# Row order of Table I; the run directory names are the ones launch.sh writes.
+ROWS: tuple[tuple[str, str], ...] = (
+    ("teacher", "teacher"),
+    ("student", "student (no distillation)"),
+    ("distill", "student + L_VL + L_C (the paper)"),
+    ("vl_only", "student + L_VL only"),
+    ("channel_only", "student + L_C only"),
+    ("logit_kd", "student + pixel-wise logit KD"),
+    ("skd", "student + SKD (pair-wise)"),
+    ("cwd", "student + CWD"),
+    ("ickd", "student + ICKD"),
+    ("lite0", "Lite0 student (no distillation)"),
+    ("lite0_distill", "Lite0 student + L_VL + L_C"),
+)
+# Shown only when some run of theirs exists (launch.sh --paper --efficientnet-b0 FILE).
+OPTIONAL_ROWS: tuple[tuple[str, str], ...] = (
+    ("b0", "EfficientNet-B0 student (no distillation)"),
+    ("b0_distill", "EfficientNet-B0 student + L_VL + L_C"),
+)
+DATASETS = ("refcoco", "refcoco+")
+SPLITS = ("val", "testA", "testB")
+METRICS = (("mIoU", "network"), ("mIoU", "original"), ("oIoU", "network"), ("oIoU", "original"))
+
+# shared/PAPER.md, Table I (mIoU, %). The student's RefCOCO testA (54.02) is probably a typo.
+PAPER_TABLE1: dict[str, dict[tuple[str, str], float]] = {
+    "teacher": {("refcoco", "val"): 69.38, ("refcoco", "testA"): 71.86,
+                ("refcoco", "testB"): 65.02, ("refcoco+", "val"): 56.59,
+                ("refcoco+", "testA"): 62.32, ("refcoco+", "testB"): 48.78},
+    "student": {("refcoco", "val"): 61.49, ("refcoco", "testA"): 54.02,
+                ("refcoco", "testB"): 58.26, ("refcoco+", "val"): 48.23,
+                ("refcoco+", "testA"): 53.23, ("refcoco+", "testB"): 40.79},
+    "distill": {("refcoco", "val"): 63.36, ("refcoco", "testA"): 65.91,
+                ("refcoco", "testB"): 61.14, ("refcoco+", "val"): 51.82,
+                ("refcoco+", "testA"): 54.76, ("refcoco+", "testB"): 44.41},
+}
+PAPER_LABELS = {"teacher": "teacher ResNet-101 + BERT-12", "student": "student ResNet-18 + BERT-4",
+                "distill": "student ResNet-18 + BERT-4 w/ distill"}
+
+_SEED_DIR = re.compile(r"^seed(\d+)$")
+
+
+class TableError(ValueError):
+    """Bad input to the table: names the file or argument and what was expected."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Stat:
+    """Mean and sample std (None for n < 2) of the values of n of `expected` seeds."""
+
+    mean: float | None
+    std: float | None
+    n: int
+    expected: int
+    values: dict[int, float]
+
+    @staticmethod
+    def of(values: dict[int, float], expected: int) -> Stat:
+        v = np.asarray(list(values.values()), np.float64)
+        mean = float(v.mean()) if len(v) else None
+        std = float(v.std(ddof=1)) if len(v) >= 2 else None
+        return Stat(mean, std, len(v), expected, dict(values))
+
+
+@dataclasses.dataclass
+class Collected:
+    """Everything read from a launch.sh root."""
+
+    # (run, dataset, split, seed) -> the results file's "metrics" ({resolution: {name: value}})
+    metrics: dict[tuple[str, str, str, int], dict]
+    # (run, dataset, seed) -> config.json of the run
+    configs: dict[tuple[str, str, int], dict]
+    # one results payload (for the protocol block)
+    example: dict | None
+    seeds: set[int]
+    runs: set[str]
+    columns_found: set[tuple[str, str]]
+    num_files: int
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise TableError(f"{path}: not a readable JSON file ({e})") from None
+
+
+def collect(root: Path) -> Collected:
+    """Read every results file and config.json under `root` (the launch.sh layout)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise TableError(f"--root {root}: not a directory (expected a launch.sh run root)")
+    out = Collected({}, {}, None, set(), set(), set(), 0)
+    for ds_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+        for seed_dir in sorted(ds_dir.iterdir()):
+            m = _SEED_DIR.match(seed_dir.name)
+            if not m or not seed_dir.is_dir():
+                continue
+            seed = int(m.group(1))
+            out.seeds.add(seed)
+            for run_dir in sorted(p for p in seed_dir.iterdir() if p.is_dir()):
+                run = run_dir.name
+                out.runs.add(run)
+                if (run_dir / "config.json").is_file():
+                    out.configs[(run, ds_dir.name, seed)] = _read_json(run_dir / "config.json")
+                prefix = f"{ds_dir.name}_"
+                for f in sorted((run_dir / "results").glob(f"{prefix}*.json")):
+                    split = f.stem[len(prefix):]
+                    payload = _read_json(f)
+                    metrics = payload.get("metrics")
+                    for name, resolution in METRICS:
+                        try:
+                            float(metrics[resolution][name])
+                        except (KeyError, TypeError, ValueError):
+                            raise TableError(
+                                f"{f}: lacks metrics.{resolution}.{name} (expected a results "
+                                "file of python -m rkd_jax.main)"
+                            ) from None
+                    out.metrics[(run, ds_dir.name, split, seed)] = metrics
+                    out.columns_found.add((ds_dir.name, split))
+                    out.example = out.example or payload
+                    out.num_files += 1
+    return out
+
+
+def stat(c: Collected, run: str, column: tuple[str, str], metric: str, resolution: str,
+         seeds: Sequence[int]) -> Stat:
+    """Stat of one cell in percent, over `seeds` (the seeds that should be there)."""
+    ds, split = column
+    values = {k: 100.0 * float(c.metrics[(run, ds, split, k)][resolution][metric])
+              for k in seeds if (run, ds, split, k) in c.metrics}
+    return Stat.of(values, len(seeds))
+
+
+def paired_difference(a: Stat, b: Stat) -> Stat:
+    """a - b over the seeds both have (seed k of a against seed k of b)."""
+    common = sorted(set(a.values) & set(b.values))
+    return Stat.of({k: a.values[k] - b.values[k] for k in common}, a.expected)
+
+
+def format_cell(s: Stat, signed: bool = False) -> str:
+    """'62.00 ± 2.00 (n=3)'; 'n=2 of 3' when seeds are missing; '—' without values."""
+    count = f"n={s.n}" if s.n == s.expected else f"n={s.n} of {s.expected}"
+    if s.n == 0:
+        return f"— ({count})"
+    text = f"{s.mean:+.2f}" if signed else f"{s.mean:.2f}"
+    if s.std is not None:
+        text += f" ± {s.std:.2f}"
+    return f"{text} ({count})"
+
+
+def _md_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return lines
+
+
+def _column_name(column: tuple[str, str]) -> str:
+    return f"{column[0]} {column[1]}"
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, object]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = tuple(v) if isinstance(v, list) else v
+    return out
+
+
+def _model_text(m: dict) -> str:
+    backbone = m.get("backbone", "?")
+    text = backbone
+    if backbone.startswith("resnet"):
+        text += f" width {m.get('backbone_width', '?')}"
+    stages = m.get("backbone_stage_sizes") or ()
+    if stages:
+        text += f" blocks {list(stages)}"
+    weights = m.get("backbone_weights") or ""
+    if weights:
+        text += f" ({Path(weights).name} weights)"
+    frozen = "fine-tuned" if m.get("text_trainable") else "frozen"
+    text += (f"; BERT {m.get('text_num_layers', '?')} layers ({frozen}); "
+             f"C'={m.get('fusion_dim', '?')}, FPN {m.get('fpn_dim', '?')}")
+    return text
+
+
+def _loss_text(cfg: dict) -> str:
+    if cfg.get("mode") != "distill":
+        return "L_seg only"
+    d = cfg.get("distill", {})
+    method = d.get("method", "?")
+    if method == "rkd":
+        return (f"L_seg + {d.get('lambda_vl', '?'):g} L_VL + {d.get('lambda_channel', '?'):g} L_C "
+                f"(channel_norm {d.get('channel_norm', '?')})")
+    if method == "logit_kd":
+        return f"logit KD: T={d.get('kd_temperature', '?')}, weight {d.get('kd_weight', '?')}"
+    if method == "skd":
+        return f"SKD: weight {d.get('skd_weight', '?')}, pool {d.get('skd_pool_scale', '?')}"
+    if method == "cwd":
+        return f"CWD: tau={d.get('cwd_tau', '?')}, weight {d.get('cwd_weight', '?')}"
+    if method == "ickd":
+        return f"ICKD: weight {d.get('ickd_weight', '?')}"
+    return f"method {method}"
+
+
+def hyperparameters(cfg: dict) -> list[str]:
+    """[mode, model, epochs, lr schedule, batch, loss] of one run's config.json."""
+    mode = cfg.get("mode", "?")
+    sched = cfg.get("teacher_train" if mode == "teacher" else "train", {})
+    model = cfg.get("teacher" if mode == "teacher" else "student", {})
+    decay = list(sched.get("lr_decay_epochs") or [])
+    lr = f"{sched.get('lr', '?')}"
+    if decay:
+        lr += f", x{sched.get('lr_decay_factor', '?')} at epoch {', '.join(map(str, decay))}"
+    lr += f"; wd {sched.get('weight_decay', '?')}"
+    epochs = f"{sched.get('epochs', '?')}"
+    max_steps = cfg.get("run", {}).get("max_steps", -1)
+    if max_steps is not None and max_steps >= 0:
+        epochs += f" (capped at {max_steps} steps)"
+    return [mode, _model_text(model), epochs, lr, f"{sched.get('batch_size', '?')}",
+            _loss_text(cfg)]
+
+
+# Keys that legitimately differ between the runs of one row.
+_PER_RUN_KEYS = ("seed", "data.dataset", "teacher_checkpoint")
+
+
+def config_differences(configs: Sequence[dict]) -> list[str]:
+    """Keys whose values differ among the configs of one row (other than the seed)."""
+    flat = [_flatten(c) for c in configs]
+    keys = sorted(set().union(*flat)) if flat else []
+    out = []
+    for k in keys:
+        if k in _PER_RUN_KEYS:
+            continue
+        values = {repr(f.get(k)) for f in flat}
+        if len(values) > 1:
+            out.append(f"{k} ({', '.join(sorted(values))})")
+    return out
+
+
+def stage_times(root: Path) -> list[list[str]]:
+    """Rows [stage, runs, failed, minutes] summed over <root>/stage_times.tsv."""
+    path = Path(root) / "stage_times.tsv"
+    if not path.is_file():
+        return []
+    totals: dict[str, list[float]] = {}
+    with path.open() as f:
+        for row in csv.reader(f, delimiter="\t"):
+            if len(row) < 4:
+                continue
+            stage, _, seconds, status = row[:4]
+            t = totals.setdefault(stage, [0, 0, 0.0])
+            try:
+                t[2] += float(seconds)
+            except ValueError:
+                continue
+            t[0 if status == "ok" else 1] += 1
+    order = ["data", "teacher", "student", "distill", "ablations", "baselines", "lite0", "eval",
+             "report"]
+    stages = sorted(totals, key=lambda s: order.index(s) if s in order else len(order))
+    rows = [[s, str(int(totals[s][0])), str(int(totals[s][1])), f"{totals[s][2] / 60:.1f}"]
+            for s in stages]
+    total = sum(t[2] for t in totals.values())
+    return rows + [["total", str(int(sum(t[0] for t in totals.values()))),
+                    str(int(sum(t[1] for t in totals.values()))), f"{total / 60:.1f}"]]
+
+
+def model_report_rows(out: Path) -> list[list[str]]:
+    """Rows of <out>/model_report_*.json (python -m rkd_jax.report --json), duplicates once."""
+    rows, seen = [], set()
+    for f in sorted(Path(out).glob("model_report_*.json")):
+        data = _read_json(f)
+        if not isinstance(data, list):
+            raise TableError(f"{f}: expected the list of rows python -m rkd_jax.report writes")
+        for r in data:
+            key = (r.get("role"), r.get("backbone"), r.get("text_layers"), r.get("input"),
+                   r.get("params_M"))
+            if key in seen:
+                continue
+            seen.add(key)
+            latency = r.get("latency_ms_median")
+            rows.append([
+                f"{r.get('role')} {r.get('backbone')} + BERT-{r.get('text_layers')}",
+                str(r.get("input")), f"{r.get('params_M', math.nan):.2f}",
+                f"{r.get('gflops', math.nan):.2f}",
+                "—" if latency is None else f"{latency:.1f}", f.stem.removeprefix("model_report_"),
+            ])
+    return rows
+
+
+def plot(path: Path, c: Collected, rows: Sequence[tuple[str, str]],
+         columns: Sequence[tuple[str, str]], seeds: Sequence[int]) -> None:
+    """Grouped bars: mIoU (network resolution) per split, one bar per row, std error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    stats = {run: [stat(c, run, col, "mIoU", "network", seeds) for col in columns]
+             for run, _ in rows}
+    present = [(run, label) for run, label in rows if any(s.n for s in stats[run])]
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.28 * max(1, len(present)) * len(columns) + 2), 4.5))
+    x = np.arange(len(columns))
+    width = 0.8 / max(1, len(present))
+    cmap = plt.get_cmap("tab20")
+    for i, (run, label) in enumerate(present):
+        means = [s.mean if s.n else np.nan for s in stats[run]]
+        errs = [s.std if s.std is not None else 0.0 for s in stats[run]]
+        ax.bar(x + (i - (len(present) - 1) / 2) * width, means, width, yerr=errs, capsize=2,
+               label=label, color=cmap(i % 20), error_kw={"elinewidth": 0.8})
+    ax.set_xticks(x, [f"{d}\n{s}" for d, s in columns])
+    ax.set_ylabel("mIoU (%), network resolution")
+    ax.set_title(f"Table I in miniature: mean ± std over seeds (of {len(seeds)})")
+    if present:
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    else:
+        ax.text(0.5, 0.5, "no results yet", ha="center", va="center", transform=ax.transAxes)
+    ax.grid(axis="y", alpha=0.3)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+def _launch_info(root: Path) -> dict:
+    f = Path(root) / "launch.json"
+    return _read_json(f) if f.is_file() else {}
+
+
+def build(root: Path, out: Path, seeds: int | None = None,
+          datasets: Sequence[str] | None = None, splits: Sequence[str] | None = None) -> dict:
+    """Write <out>/table1.md, table1.json and table1_miou.png; returns the JSON written."""
+    root, out = Path(root), Path(out)
+    c = collect(root)
+    launch = _launch_info(root)
+    n_seeds = int(seeds if seeds is not None else launch.get("seeds", 0))
+    if n_seeds < 0:
+        raise TableError(f"--seeds {n_seeds}: expected a count >= 0")
+    # Every seed that should exist or does exist counts: none is ever dropped.
+    seed_list = sorted(set(range(n_seeds)) | c.seeds)
+    if datasets or splits:
+        columns = [(d, s) for d in (datasets or DATASETS) for s in (splits or SPLITS)]
+    else:
+        columns = [(d, s) for d in DATASETS for s in SPLITS]
+        columns += sorted(c.columns_found - set(columns))
+    known = {r for r, _ in ROWS + OPTIONAL_ROWS}
+    rows = list(ROWS) + [r for r in OPTIONAL_ROWS if r[0] in c.runs]
+    rows += [(r, r) for r in sorted(c.runs - known)]  # runs of no known row still show
+    out.mkdir(parents=True, exist_ok=True)
+
+    def table(metric: str, resolution: str) -> list[str]:
+        body = [[label] + [format_cell(stat(c, run, col, metric, resolution, seed_list))
+                           for col in columns] for run, label in rows]
+        return _md_table(["model"] + [_column_name(col) for col in columns], body)
+
+    setting = launch.get("setting", "?")
+    stamp = time.strftime("%Y-%m-%d %H:%M")
+    lines = [
+        "# Table I" + ("" if setting == "paper" else " in miniature"),
+        "",
+        (f"Generated by `python -m rkd_jax.table --root {root}` on {stamp}"
+        f" from {c.num_files} results files (setting: {setting}). Cells: mean ± sample standard"
+        f" deviation over seeds, in percent; n = seeds with a results file, out of"
+        f" {len(seed_list)} (seeds {', '.join(map(str, seed_list)) or 'none'})."),
+        "",
+        "## mIoU (%), network resolution",
+        "",
+        *table("mIoU", "network"),
+        "",
+        "## The paper's Table I (mIoU, %, 384x384, real RefCOCO / RefCOCO+)",
+        "",
+    ]
+    paper_cols = [(d, s) for d in DATASETS for s in SPLITS]
+    lines += _md_table(["model"] + [_column_name(col) for col in paper_cols],
+                       [[PAPER_LABELS[r]] + [f"{PAPER_TABLE1[r][col]:.2f}" for col in paper_cols]
+                        for r in ("teacher", "student", "distill")])
+    lines += ["", ("The student's RefCOCO testA (54.02) is probably a typo in the paper (testA is "
+              "above val in every other row)."), ""]
+
+    # Gains over the student baseline, paired by seed, beside the paper's.
+    def gain(run: str, ref: str) -> list[str]:
+        return [format_cell(paired_difference(stat(c, run, col, "mIoU", "network", seed_list),
+                                              stat(c, ref, col, "mIoU", "network", seed_list)),
+                            signed=True) for col in columns]
+
+    run_names = [r for r, _ in rows]
+    gain_rows = [["teacher − student (the margin)"] + gain("teacher", "student")]
+    gain_rows += [[label] + gain(run, "student") for run, label in rows
+                  if run in ("distill", "vl_only", "channel_only", "logit_kd", "skd", "cwd",
+                             "ickd")]
+    labels = dict(rows)
+    gain_rows += [[f"{labels[f'{b}_distill']} − {labels[b]}"] + gain(f"{b}_distill", b)
+                  for b in ("lite0", "b0") if f"{b}_distill" in run_names and b in run_names]
+    paper_gain = [f"{PAPER_TABLE1['distill'][col] - PAPER_TABLE1['student'][col]:+.2f}"
+                  if col in PAPER_TABLE1["student"] else "—" for col in columns]
+    paper_margin = [f"{PAPER_TABLE1['teacher'][col] - PAPER_TABLE1['student'][col]:+.2f}"
+                    if col in PAPER_TABLE1["student"] else "—" for col in columns]
+    gain_rows += [["paper: teacher − student"] + paper_margin,
+                  ["paper: distilled − student"] + paper_gain]
+    lines += ["## Gain over the student baseline (mIoU points, network resolution)", "",
+              ("Student rows: the row minus the student without distillation, paired by seed "
+              "(seed k against seed k); Lite0/B0 + distill against the same backbone without."), ""]
+    lines += _md_table(["difference"] + [_column_name(col) for col in columns], gain_rows)
+
+    margin = {}
+    for ds in dict.fromkeys(d for d, _ in columns):
+        if (ds, "val") not in columns:
+            continue
+        t = stat(c, "teacher", (ds, "val"), "mIoU", "network", seed_list)
+        s = stat(c, "student", (ds, "val"), "mIoU", "network", seed_list)
+        d = paired_difference(t, s)
+        margin[ds] = dataclasses.asdict(d)
+        paper = ""
+        if (ds, "val") in PAPER_TABLE1["teacher"]:
+            diff = PAPER_TABLE1["teacher"][(ds, "val")] - PAPER_TABLE1["student"][(ds, "val")]
+            paper = f"; the paper: {diff:+.2f}"
+        lines += ["", (f"Teacher's margin over the student baseline on {ds} val (mIoU, network): "
+                  f"{format_cell(d, signed=True)} (teacher {format_cell(t)}, student "
+                  f"{format_cell(s)}){paper}.")]
+
+    for metric, resolution in METRICS[1:]:
+        lines += ["", f"## {metric} (%), {resolution} resolution", "", *table(metric, resolution)]
+    lines += ["", ("oIoU (overall IoU, also called cIoU) = sum of intersections / sum of unions "
+              "over the split; mIoU = mean of per-sentence IoU (the paper's metric).")]
+
+    lines += ["", "## Hyper-parameters (from each run's config.json)", ""]
+    hp_rows, notes = [], []
+    for run, label in rows:
+        cfgs = [cfg for (r, _, _), cfg in sorted(c.configs.items()) if r == run]
+        if not cfgs:
+            continue
+        hp_rows.append([label] + hyperparameters(cfgs[0]))
+        diff = config_differences(cfgs)
+        if diff:
+            notes.append(f"- {label}: differs between its runs: {'; '.join(diff)}")
+    if hp_rows:
+        lines += _md_table(["model", "mode", "network", "epochs", "lr", "batch", "loss"], hp_rows)
+        first = next(iter(sorted(c.configs.items())))[1]
+        data = first.get("data", {})
+        source = data.get("root") or (f"embedded synthetic data ({data.get('synthetic_num_images')}"
+                                      f" images, generator seed {data.get('synthetic_seed')})")
+        lines += ["", (f"Data: {source}; input {data.get('image_size')}x{data.get('image_size')}, "
+                  f"at most {data.get('max_tokens')} tokens.")]
+        lines += [""] + (notes or ["Every row's runs share one configuration apart from the seed."])
+    else:
+        lines += ["No config.json found."]
+
+    rep = model_report_rows(out)
+    if rep:
+        lines += ["", "## Model report (python -m rkd_jax.report)", "",
+                  ("GFLOPs per image: XLA cost analysis of the jitted inference forward at batch 1 "
+                  "(multiply-add = 2 FLOPs); latency: median batch-1 call on the machine of the "
+                  "report stage."), ""]
+        lines += _md_table(["model", "input", "params (M)", "GFLOPs", "latency (ms)", "report"],
+                           rep)
+
+    if c.example is not None:
+        p = c.example.get("protocol", {})
+        lines += ["", "## Protocol (from the results files)", "",
+                  (f"- sentences: {p.get('sentences')}; threshold {p.get('threshold')} "
+                  f"foreground probability; {p.get('empty_union')}"),
+                  (f"- input {p.get('image_size')}x{p.get('image_size')} "
+                  f"({p.get('resize')}), at most {p.get('max_tokens')} tokens"),
+                  f"- max_eval_examples {p.get('max_eval_examples')} (-1 = every sentence)"]
+        for res, text in (p.get("resolutions") or {}).items():
+            lines.append(f"- {res} resolution: {text}")
+        counts = []
+        for col in columns:
+            n = {c.metrics[k]["network"].get("num_sentences") for k in c.metrics
+                 if k[1:3] == col}
+            if n:
+                counts.append(f"{_column_name(col)} {', '.join(map(str, sorted(n)))}")
+        lines.append(f"- sentences scored per split: {'; '.join(counts)}")
+
+    times = stage_times(root)
+    if times:
+        lines += ["", "## Wall time per stage (launch.sh, summed over runs and invocations)", ""]
+        lines += _md_table(["stage", "runs", "failed", "minutes"], times)
+
+    (out / "table1.md").write_text("\n".join(lines) + "\n")
+    plot(out / "table1_miou.png", c, rows, columns, seed_list)
+
+    payload = {
+        "root": str(root), "seeds": seed_list, "columns": [list(col) for col in columns],
+        "rows": {
+            run: {"label": label, **{f"{m}_{r}": {
+                _column_name(col): dataclasses.asdict(stat(c, run, col, m, r, seed_list))
+                for col in columns} for m, r in METRICS}}
+            for run, label in rows
+        },
+        "teacher_margin_val": margin,
+        "paper": {r: {_column_name(k): v for k, v in t.items()} for r, t in PAPER_TABLE1.items()},
+    }
+    (out / "table1.json").write_text(json.dumps(payload, indent=2) + "\n")
+    return payload
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--root", default="runs/table1", help="launch.sh run root")
+    p.add_argument("--out", default="results", help="output directory")
+    p.add_argument("--seeds", type=int, default=None,
+                   help="seeds 0..N-1 expected per cell (default: <root>/launch.json, plus any "
+                   "seed directory found)")
+    p.add_argument("--datasets", nargs="+", default=None, help="columns: datasets")
+    p.add_argument("--splits", nargs="+", default=None, help="columns: splits")
+    args = p.parse_args(argv)
+    try:
+        payload = build(Path(args.root), Path(args.out), args.seeds, args.datasets, args.splits)
+    except TableError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    print(f"wrote {out / 'table1.md'}, {out / 'table1.json'}, {out / 'table1_miou.png'} "
+          f"({len(payload['rows'])} rows, seeds {payload['seeds']})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

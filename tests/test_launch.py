@@ -1,0 +1,257 @@
+"""launch.sh (the staged Table I experiment) and rkd_jax.table (its report)."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, load_config
+
+from rkd_jax import table
+
+LAUNCH = ROOT / "launch.sh"
+
+
+def _results(run_dir: Path, dataset: str, split: str, miou_net: float, miou_orig: float,
+             oiou_net: float, oiou_orig: float) -> None:
+    """A results file shaped like the ones python -m rkd_jax.main writes."""
+    def block(miou, oiou):
+        return {"mIoU": miou, "oIoU": oiou, "P@0.5": 0.0, "P@0.9": 0.0, "num_sentences": 40}
+
+    payload = {
+        "metrics": {"network": block(miou_net, oiou_net), "original": block(miou_orig, oiou_orig)},
+        "protocol": {"split": split, "dataset": dataset, "image_size": 96, "max_tokens": 12,
+                     "threshold": 0.5, "sentences": "every sentence", "max_eval_examples": -1,
+                     "resize": "squash", "empty_union": "IoU = 1",
+                     "resolutions": {"network": "net text", "original": "orig text"}},
+        "role": "student",
+    }
+    (run_dir / "results").mkdir(parents=True, exist_ok=True)
+    (run_dir / "results" / f"{dataset}_{split}.json").write_text(json.dumps(payload))
+
+
+def _config(run_dir: Path, mode: str, **changes) -> None:
+    c = load_config("distill", "")
+    c.mode = mode
+    for key, value in changes.items():
+        node = c
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(json.dumps(c.to_dict(), default=list))
+
+
+@pytest.fixture
+def fake_root(tmp_path):
+    """refcoco val: teacher on seeds 0-2, student on seeds 0-1 (seed 2 killed before its
+    results), distill on seeds 0-2; the teacher also has testA on seed 0 only."""
+    root = tmp_path / "runs"
+    teacher = {0: (0.60, 0.50, 0.70, 0.10), 1: (0.62, 0.55, 0.70, 0.20),
+               2: (0.64, 0.60, 0.70, 0.30)}
+    for k, vals in teacher.items():
+        d = root / "refcoco" / f"seed{k}" / "teacher"
+        _results(d, "refcoco", "val", *vals)
+        _config(d, "teacher", seed=k)
+    _results(root / "refcoco/seed0/teacher", "refcoco", "testA", 0.70, 0.70, 0.70, 0.70)
+    for k, v in {0: 0.50, 1: 0.54}.items():
+        d = root / "refcoco" / f"seed{k}" / "student"
+        _results(d, "refcoco", "val", v, v, v, v)
+        _config(d, "student", seed=k)
+    _config(root / "refcoco/seed2/student", "student", seed=2)  # no results: killed
+    for k, v in {0: 0.55, 1: 0.56, 2: 0.60}.items():
+        d = root / "refcoco" / f"seed{k}" / "distill"
+        _results(d, "refcoco", "val", v, v, v, v)
+        # seed 2 ran with another learning rate: the table must say so.
+        _config(d, "distill", seed=k, **{"train.epochs": 7, "train.lr": 0.002 if k == 2 else 0.001})
+    _results(root / "refcoco/seed0/my_extra_run", "refcoco", "val", 0.3, 0.3, 0.3, 0.3)
+    (root / "launch.json").write_text(json.dumps({"setting": "miniature", "seeds": 3}))
+    (root / "stage_times.tsv").write_text(
+        "teacher\trefcoco/seed0/teacher\t120\tok\td\n"
+        "teacher\trefcoco/seed1/teacher\t60\tok\td\n"
+        "student\trefcoco/seed2/student\t30\tfailed(1)\td\n"
+    )
+    return root
+
+
+def _row(md: str, label: str, section: str) -> list[str]:
+    """Cells of the row `label` in the markdown table under the heading `section`."""
+    text = md.split(f"## {section}", 1)[1].split("\n## ", 1)[0]
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if cells[0] == label:
+            return cells[1:]
+    raise AssertionError(f"no row {label!r} under {section!r}")
+
+
+def test_table_means_stds_and_missing_seeds(fake_root, tmp_path):
+    out = tmp_path / "out"
+    (out).mkdir()
+    (out / "model_report_miniature.json").write_text(json.dumps([
+        {"role": "teacher", "backbone": "resnet18", "text_layers": 6, "input": "96x96, 12 tokens",
+         "params_M": 3.4, "gflops": 1.014, "latency_ms_median": 12.34}]))
+    assert table.main(["--root", str(fake_root), "--out", str(out)]) == 0
+    md = (out / "table1.md").read_text()
+
+    # Columns: refcoco val, testA, testB, refcoco+ val, testA, testB.
+    net = "mIoU (%), network resolution"
+    t = _row(md, "teacher", net)
+    assert t[0] == "62.00 ± 2.00 (n=3)"  # 60, 62, 64
+    assert t[1] == "70.00 (n=1 of 3)"  # one seed: no std
+    assert t[2] == t[3] == "— (n=0 of 3)"
+    # Seed 2 of the student has no results: counted, never dropped. std(50, 54) = 2.83.
+    assert _row(md, "student (no distillation)", net)[0] == "52.00 ± 2.83 (n=2 of 3)"
+    # 55, 56, 60: mean 57, std sqrt(14 / 2) = 2.65.
+    assert _row(md, "student + L_VL + L_C (the paper)", net)[0] == "57.00 ± 2.65 (n=3)"
+    assert _row(md, "student + CWD", net)[0] == "— (n=0 of 3)"  # every row is listed
+    assert _row(md, "my_extra_run", net)[0] == "30.00 (n=1 of 3)"  # unknown runs too
+    assert _row(md, "teacher", "mIoU (%), original resolution")[0] == "55.00 ± 5.00 (n=3)"
+    assert _row(md, "teacher", "oIoU (%), network resolution")[0] == "70.00 ± 0.00 (n=3)"
+    assert _row(md, "teacher", "oIoU (%), original resolution")[0] == "20.00 ± 10.00 (n=3)"
+
+    # The paper's Table I beside, gains paired by seed (seeds 0 and 1 have both runs).
+    assert _row(md, "student ResNet-18 + BERT-4 w/ distill", "The paper's Table I")[0] == "63.36"
+    gains = "Gain over the student baseline"
+    assert _row(md, "teacher − student (the margin)", gains)[0] == "+9.00 ± 1.41 (n=2 of 3)"
+    assert _row(md, "student + L_VL + L_C (the paper)", gains)[0] == "+3.50 ± 2.12 (n=2 of 3)"
+    assert _row(md, "paper: distilled − student", gains)[0] == "+1.87"
+    assert ("Teacher's margin over the student baseline on refcoco val (mIoU, network): "
+            "+9.00 ± 1.41 (n=2 of 3)") in md
+    assert "the paper: +7.89" in md
+
+    hp = _row(md, "student + L_VL + L_C (the paper)", "Hyper-parameters")
+    assert hp[0] == "distill" and hp[2] == "7" and "0.5 L_VL + 0.5 L_C" in hp[5]
+    assert "differs between its runs: train.lr (0.001, 0.002)" in md
+    assert "resnet18 width 16 blocks [1, 1, 1, 1]" in _row(md, "student (no distillation)",
+                                                         "Hyper-parameters")[1]
+    rep = _row(md, "teacher resnet18 + BERT-6", "Model report")
+    assert rep[:5] == ["96x96, 12 tokens", "3.40", "1.01", "12.3", "miniature"]
+    assert _row(md, "teacher", "Wall time per stage") == ["2", "0", "3.0"]
+    assert _row(md, "student", "Wall time per stage") == ["0", "1", "0.5"]
+    assert "sentences scored per split: refcoco val 40; refcoco testA 40" in md
+
+    data = json.loads((out / "table1.json").read_text())
+    cell = data["rows"]["student"]["mIoU_network"]["refcoco val"]
+    assert cell["n"] == 2 and cell["expected"] == 3 and cell["mean"] == pytest.approx(52.0)
+    assert cell["values"] == {"0": pytest.approx(50.0), "1": pytest.approx(54.0)}
+    png = (out / "table1_miou.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+    # A seed directory beyond --seeds counts as well: nothing found is ever left out.
+    _results(fake_root / "refcoco/seed3/teacher", "refcoco", "val", 0.66, 0.66, 0.66, 0.66)
+    table.build(fake_root, out, seeds=3)
+    md = (out / "table1.md").read_text()
+    assert _row(md, "teacher", net)[0] == "63.00 ± 2.58 (n=4)"  # sqrt(20 / 3)
+    assert _row(md, "student (no distillation)", net)[0] == "52.00 ± 2.83 (n=2 of 4)"
+
+
+def test_table_bad_input_names_the_file(tmp_path, capsys):
+    assert table.main(["--root", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
+    assert "nope: not a directory" in capsys.readouterr().err
+    bad = tmp_path / "r" / "refcoco" / "seed0" / "student" / "results" / "refcoco_val.json"
+    bad.parent.mkdir(parents=True)
+    bad.write_text(json.dumps({"metrics": {"network": {"mIoU": 0.5}}}))
+    with pytest.raises(table.TableError, match=r"refcoco_val.json: lacks metrics.original.mIoU"):
+        table.build(tmp_path / "r", tmp_path / "o")
+
+
+def test_launch_rejects_bad_options(tmp_path):
+    def launch(*args):
+        return subprocess.run(["bash", str(LAUNCH), "--root", str(tmp_path / "r"), *args],
+                              check=False, capture_output=True, text=True, timeout=60)
+
+    r = launch("--config.seed=3")
+    assert r.returncode == 2 and "use --seeds N" in r.stderr
+    r = launch("--stages", "teacher bogus")
+    assert r.returncode == 2 and "unknown stage bogus" in r.stderr
+    r = launch("--paper")
+    assert r.returncode == 2 and "--paper needs --refer-root" in r.stderr
+    r = launch("--seeds", "0")
+    assert r.returncode == 2 and "positive integer" in r.stderr
+    assert not (tmp_path / "r").exists()  # nothing written before the error
+
+
+def _checkpoints(root: Path) -> dict[str, float]:
+    return {str(p.relative_to(root)): p.stat().st_mtime
+            for p in root.glob("*/seed*/*/checkpoints/*") if p.name.isdigit()}
+
+
+TINY_RUNS = ("teacher", "student", "distill", "vl_only", "channel_only", "logit_kd", "skd", "cwd",
+             "ickd", "lite0", "lite0_distill")
+
+
+@pytest.mark.slow
+def test_launch_tiny_runs_every_stage_then_skips_them(tmp_path):
+    """launch.sh --setting tiny --seeds 1: every stage end to end (2 steps per run, 8 val
+    sentences, refcoco), then a second invocation skips every stage, then `--stages "eval
+    report"` re-scores a run whose results file was deleted and regenerates the table."""
+    env = dict(os.environ, PYTHON=sys.executable)
+    # One device compiles about 3x faster than the suite's 8 fake ones; sharding is tested
+    # elsewhere.
+    flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", ""))
+    env["XLA_FLAGS"] = flags + " --xla_force_host_platform_device_count=1"
+    root, out = tmp_path / "runs", tmp_path / "out"
+    cmd = ["bash", str(LAUNCH), "--setting", "tiny", "--seeds", "1", "--root", str(root),
+           "--out", str(out)]
+
+    def launch(*extra):
+        t0 = time.perf_counter()
+        r = subprocess.run(cmd + list(extra), check=False, env=env, capture_output=True,
+                           text=True, timeout=3000)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        print(f"launch.sh {' '.join(extra)}: {time.perf_counter() - t0:.0f} s")
+        return r.stdout
+
+    first = launch()
+    for run in TINY_RUNS:
+        d = root / "refcoco" / "seed0" / run
+        res = json.loads((d / "results" / "refcoco_val.json").read_text())
+        assert res["role"] == ("teacher" if run == "teacher" else "student"), run
+        assert re.search(rf"^run \w+ refcoco/seed0/{run} ", first, re.MULTILINE), run
+        cfg = json.loads((d / "config.json").read_text())
+        assert cfg["seed"] == 0 and cfg["data"]["dataset"] == "refcoco"
+        assert cfg["run"]["max_steps"] == 2
+        assert not (d / "teacher").exists()  # the teacher run is reused, never retrained
+        if run not in ("teacher", "student", "lite0"):
+            assert cfg["mode"] == "distill"
+            assert cfg["teacher_checkpoint"] == str(root / "refcoco" / "seed0" / "teacher")
+    cfg = {r: json.loads((root / "refcoco/seed0" / r / "config.json").read_text())
+           for r in TINY_RUNS}
+    assert cfg["vl_only"]["distill"]["lambda_channel"] == 0.0
+    assert cfg["channel_only"]["distill"]["lambda_vl"] == 0.0
+    assert [cfg[m]["distill"]["method"] for m in ("logit_kd", "skd", "cwd", "ickd")] == [
+        "logit_kd", "skd", "cwd", "ickd"]
+    assert cfg["lite0_distill"]["student"]["backbone"] == "efficientnet_lite0"
+    assert cfg["lite0"]["mode"] == "student"
+    for stage in ("data", "teacher", "student", "distill", "ablations", "baselines", "lite0",
+                  "eval", "report"):
+        assert f"stage {stage} finished" in first
+    assert "skip eval refcoco/seed0/cwd: results exist" in first  # the runs just wrote them
+    md = (out / "table1.md").read_text()
+    assert _row(md, "student + ICKD", "mIoU (%), network resolution")[0].endswith("(n=1)")
+    assert (out / "table1_miou.png").stat().st_size > 0
+    assert json.loads((out / "model_report_tiny.json").read_text())[0]["params_M"] > 0
+    ckpts = _checkpoints(root)
+    assert len(ckpts) == len(TINY_RUNS)
+
+    second = launch()
+    assert not re.search(r"^run ", second, re.MULTILINE), second
+    assert "skip data refcoco: results exist" in second
+    for run in TINY_RUNS:
+        line = rf"^skip \w+ refcoco/seed0/{run}: results exist$"
+        assert re.search(line, second, re.MULTILINE), run
+    assert "skip report table1: results exist" in second
+    assert "skip report model_report_tiny: results exist" in second
+    assert _checkpoints(root) == ckpts
+
+    (root / "refcoco/seed0/cwd/results/refcoco_val.json").unlink()
+    third = launch("--stages", "eval report")
+    assert "run eval refcoco/seed0/cwd" in third
+    assert (root / "refcoco/seed0/cwd/results/refcoco_val.json").is_file()
+    assert "run report table1" in third  # a results file is newer than the table
+    assert _checkpoints(root) == ckpts
