@@ -3,7 +3,8 @@ predict function on real inputs, a reload without rkd_jax, the sidecar, int8 and
 
 Tolerances (float32 on CPU): probabilities within 1e-4 absolute and margins within 1e-3 of the
 Flax predict function for ONNX (observed ~4e-7 / ~2e-6), 1e-5 / 1e-4 for jax.export (the same
-computation, weights folded in as constants: observed <= 4e-7); masks (prob >= threshold) IoU >= 0.99 per example.
+computation with the weights folded in as constants: observed <= 4e-7); masks (prob >= threshold)
+IoU >= 0.99 per example.
 """
 
 import json
