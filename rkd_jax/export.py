@@ -343,9 +343,10 @@ def _load_lax_plugins(plugin_system) -> None:
     if getattr(plugin_system, "_already_imported_plugins", False):
         return
     for mod in pkgutil.walk_packages(jax_plugins.__path__, prefix=f"{jax_plugins.__name__}."):
+        # A plugin module that fails to import (an optional dependency) is one we cannot need.
         try:
             importlib.import_module(mod.name)
-        except Exception:  # noqa: BLE001, S112 -- a plugin that fails to import is one we cannot need
+        except Exception:  # noqa: BLE001, S112
             continue
     if hasattr(plugin_system, "_already_imported_plugins"):
         plugin_system._already_imported_plugins = True
@@ -503,7 +504,8 @@ def sidecar(fmt: str, out: Path, meta: dict, config, tok, batch: int | None) -> 
         },
         "text": {
             "vocab": "vocab.txt",
-            "tokenizer": "BERT WordPiece with this vocab.txt, e.g. tokenizers.BertWordPieceTokenizer("
+            "tokenizer": "BERT WordPiece with this vocab.txt, e.g. "
+            "tokenizers.BertWordPieceTokenizer("
             "'vocab.txt', lowercase=lower_case) with enable_truncation(max_length=max_tokens) and "
             "enable_padding(length=max_tokens, pad_id=pad_id): ids -> tokens, attention_mask -> "
             "token_mask",
