@@ -81,7 +81,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         fusion_dim=64, fpn_dim=64, text_num_layers=2,
     )
 
-    c.teacher_train = train_config(epochs=5, lr=1e-3, lr_decay_epochs=(4,))  # teacher phase
+    c.teacher_train = train_config(epochs=3, lr=1e-3, lr_decay_epochs=(2,))  # teacher phase
     c.train = train_config(epochs=3, lr=1e-3, lr_decay_epochs=(2,))  # student / distill phase
 
     c.distill = ml_collections.ConfigDict()
