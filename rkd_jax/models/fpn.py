@@ -13,10 +13,18 @@ BN_EPSILON = 1e-5
 
 
 def _upsample_to(x: jax.Array, like: jax.Array) -> jax.Array:
+    """Nearest upsampling of x [B, h, w, C] to like's [H, W]."""
     _, h, w, _ = like.shape
-    if x.shape[1:3] == (h, w):
+    b, hx, wx, c = x.shape
+    if (hx, wx) == (h, w):
         return x
-    return jax.image.resize(x, (x.shape[0], h, w, x.shape[-1]), "nearest")
+    if h % hx == 0 and w % wx == 0:
+        # An integer factor is a broadcast: its gradient is a sum, where jax.image.resize's
+        # gather has a scatter-add (slow on CPU). Same values as the resize below.
+        fy, fx = h // hx, w // wx
+        up = jnp.broadcast_to(x[:, :, None, :, None, :], (b, hx, fy, wx, fx, c))
+        return up.reshape(b, h, w, c)
+    return jax.image.resize(x, (b, h, w, c), "nearest")
 
 
 class FPN(nn.Module):
