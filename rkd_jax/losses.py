@@ -237,8 +237,13 @@ def _max_pool_ceil(x: Array, scale: float) -> Array:
     b, h, w, c = x.shape
     ph, pw = max(1, int(h * scale)), max(1, int(w * scale))
     nh, nw = -(-h // ph), -(-w // pw)
-    x = jnp.pad(x, ((0, 0), (0, nh * ph - h), (0, nw * pw - w), (0, 0)), constant_values=-jnp.inf)
-    return jnp.max(x.reshape(b, nh, ph, nw, pw, c), axis=(2, 4))
+    # A reduce-window max, like torch's max_pool2d (its gradient goes to one maximum). The
+    # pad-reshape-max form gave NaN gradients inside the full distill step at XLA's
+    # optimisation level 0 (the test suite's), from finite inputs.
+    return jax.lax.reduce_window(
+        x, -jnp.inf, jax.lax.max, (1, ph, pw, 1), (1, ph, pw, 1),
+        ((0, 0), (0, nh * ph - h), (0, nw * pw - w), (0, 0)),
+    )
 
 
 def pairwise_similarity_loss(
