@@ -234,7 +234,7 @@ def logit_kd_loss(
 
 def _max_pool_ceil(x: Array, scale: float) -> Array:
     """[B, H, W, C] -> [B, ceil(H/ph), ceil(W/pw), C], ph = max(1, int(H * scale)) (ceil mode)."""
-    b, h, w, c = x.shape
+    _, h, w, _ = x.shape
     ph, pw = max(1, int(h * scale)), max(1, int(w * scale))
     nh, nw = -(-h // ph), -(-w // pw)
     # A reduce-window max, like torch's max_pool2d (its gradient goes to one maximum). The
