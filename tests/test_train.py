@@ -252,15 +252,13 @@ def test_sigkill_during_save_then_resume_equals_uninterrupted(tmp_path):
                    if p.name.isdigit())
     assert steps == [2]  # step 4 never completed
 
-    from rkd_jax import main
-
-    from absl import flags
-
+    # The uninterrupted run (a) and the resume of the killed one (b): the same command line.
     for workdir in ("a", "b"):
-        argv = ["main", *cmd, "--workdir", str(tmp_path / workdir)]
-        flags.FLAGS.unparse_flags()
-        flags.FLAGS(argv)
-        assert main.main(argv) == 0
+        run = subprocess.run(
+            [sys.executable, "-m", "rkd_jax.main", *cmd, "--workdir", str(tmp_path / workdir)],
+            capture_output=True, text=True, timeout=900, cwd=ROOT,
+        )
+        assert run.returncode == 0, run.stderr[-3000:]
     step_a, va = _params(tmp_path / "a")
     step_b, vb = _params(tmp_path / "b")
     assert step_a == step_b == 6
