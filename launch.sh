@@ -15,7 +15,7 @@
 #
 # Every training run is `python -m rkd_jax.main` in <root>/<dataset>/seed<k>/<run> and is
 # skipped when all its results files exist; a killed run resumes from its last checkpoint when
-# launch.sh is started again. See docs/experiment.md and `launch.sh --help`.
+# launch.sh is started again. See README.md ("The paper's experiment") and `launch.sh --help`.
 set -euo pipefail
 
 usage() {
