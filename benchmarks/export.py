@@ -35,28 +35,6 @@ import jax
 from rkd_jax import export
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return host_platform.processor() or "unknown"
-
-
-def versions() -> dict:
-    import importlib.metadata as md
-
-    out = {}
-    for name in ("jax", "jaxlib", "flax", "jax2onnx", "onnx", "onnxruntime"):
-        try:
-            out[name] = md.version(name)
-        except md.PackageNotFoundError:
-            pass
-    return out
-
-
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
@@ -131,8 +109,11 @@ def run(args) -> dict:
         "onnxruntime_threads": args.threads or "onnxruntime default",
         "jax_threads": "XLA CPU default (all cores)",
         "xla_flags_added": XLA_FLAGS_ADDED,
-        "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "system": host_platform.system()},
-        "versions": versions(),
+        "machine": {"cpu": platform.cpu_model(), "cores": os.cpu_count(),
+                    "system": host_platform.system()},
+        "versions": platform.package_versions(
+            "jax", "jaxlib", "flax", "jax2onnx", "onnx", "onnxruntime"
+        ),
         "file_bytes": sizes,
         "quantization": quant,
         "latency_ms": rows,

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.metadata as md
 import importlib.util
 import json
 import os
@@ -613,26 +612,6 @@ def print_report(res: dict, rows: list[dict], last: str) -> None:
     print(last)
 
 
-def versions() -> dict:
-    out = {"python": sys.version.split()[0]}
-    for name in ("jax", "jaxlib", "flax", "optax", "numpy"):
-        try:
-            out[name] = md.version(name)
-        except md.PackageNotFoundError:
-            pass
-    return out
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return host_platform.processor()
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     added = configure_flags(args)
@@ -688,9 +667,10 @@ def main(argv=None) -> int:
         "flags_added_by_this_run": added,
         "ynn_convolutions_off": ynn_off,
         "matmul_ceiling_tflops": ceiling,
-        "host": {"cpu": cpu_model(), "cpus": os.cpu_count(), "load_start": load_start,
+        "host": {"cpu": platform.cpu_model(), "cpus": os.cpu_count(), "load_start": load_start,
                  "load_end": os.getloadavg(), "platform": host_platform.platform()},
-        "versions": versions(),
+        "versions": {"python": sys.version.split()[0],
+                     **platform.package_versions("jax", "jaxlib", "flax", "optax", "numpy")},
         "steps": args.steps, "warmup": args.warmup, "latency_runs": args.latency_runs,
         "compile_events": {"count": counter.count, "seconds": counter.seconds},
         "jax": results,

@@ -74,3 +74,27 @@ def configure_cpu_flags() -> list[str]:
         return []
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + YNN_OFF_FLAG).strip()
     return [YNN_OFF_FLAG]
+
+
+def package_versions(*names: str) -> dict[str, str]:
+    """Installed versions of these distributions (absent ones left out), for logs and results."""
+    out = {}
+    for name in names:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), for benchmark results."""
+    import platform as host_platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return host_platform.processor() or "unknown"

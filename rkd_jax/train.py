@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import math
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -27,6 +26,7 @@ from rkd_jax import checkpoint as ckpt_lib
 from rkd_jax import evaluate as eval_lib
 from rkd_jax import losses as loss_lib
 from rkd_jax import parallel
+from rkd_jax import platform
 from rkd_jax.models import build
 from rkd_jax.optim import make_optimizer
 
@@ -206,15 +206,7 @@ def meta_for(config, role: str, epoch: float) -> dict:
 
 
 def versions() -> dict:
-    import importlib.metadata as md
-
-    out = {}
-    for name in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint"):
-        try:
-            out[name] = md.version(name)
-        except md.PackageNotFoundError:
-            pass
-    return out
+    return platform.package_versions("jax", "jaxlib", "flax", "optax", "orbax-checkpoint")
 
 
 def load_teacher(config, path: str, mesh) -> dict:
@@ -334,8 +326,6 @@ def run_phase(config, run_dir: Path, role: str, mesh, teacher_vars=None) -> dict
     predict_fn = eval_lib.make_predict_fn(model, float(config.run.threshold))
     writer = MetricWriter(run_dir)
     eval_every = max(1, int(round(config.run.eval_every_epochs * steps_per_epoch)))
-    best = {"value": -1.0}
-
     def validate(step: int) -> dict:
         variables = {"params": state.params, "batch_stats": state.batch_stats}
         res = evaluate_split(config, predict_fn, variables, tokenize, config.data.val_split,
