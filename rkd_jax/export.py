@@ -40,6 +40,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rkd_jax.models.depthwise import native_depthwise
+
 FORMATS = ("onnx", "jax")
 INPUT_NAMES = ("image", "tokens", "token_mask")
 OUTPUT_NAMES = ("prob", "margin")
@@ -141,7 +143,8 @@ def input_specs(image_size: int, max_tokens: int, batch: int | None = None) -> l
 def export_jax(fn: Callable, specs: list, platforms: tuple[str, ...] = DEFAULT_PLATFORMS) -> bytes:
     """Serialized jax.export artifact of `fn` (StableHLO with the variables as constants)."""
     try:
-        exported = jax.export.export(jax.jit(fn), platforms=tuple(platforms))(*specs)
+        with native_depthwise():  # a portable program: no CPU-specific depthwise taps
+            exported = jax.export.export(jax.jit(fn), platforms=tuple(platforms))(*specs)
     except Exception as e:  # lowering errors come as several unrelated types
         raise ExportError(
             f"jax.export failed for platforms {','.join(platforms)} ({type(e).__name__}: "
@@ -289,7 +292,8 @@ def export_onnx(fn: Callable, specs: list, opset: int = DEFAULT_OPSET, model_nam
     jax2onnx = _require("jax2onnx")
     from jax2onnx.plugins import plugin_system
 
-    closed = jax.make_jaxpr(fn)(*specs)
+    with native_depthwise():  # ONNX runtimes have depthwise Conv kernels
+        closed = jax.make_jaxpr(fn)(*specs)
     _load_lax_plugins(plugin_system)
     missing = sorted(p for p in _primitives(closed.jaxpr) if p not in plugin_system.PLUGIN_REGISTRY)
     if missing:

@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from rkd_jax.models.depthwise import DepthwiseConv
 from rkd_jax.models.resnet import norm_or_folded
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -149,8 +150,8 @@ class _MBConv(nn.Module):
         if sp.expand != 1:
             self.expand_conv = conv(mid, (1, 1))
             self.bn0 = bn()
-        self.depthwise_conv = conv(
-            mid, (sp.kernel, sp.kernel), strides=(sp.stride, sp.stride), feature_group_count=mid
+        self.depthwise_conv = DepthwiseConv(
+            mid, sp.kernel, sp.stride, use_bias=self.fold_bn, dtype=self.dtype
         )
         self.bn1 = bn()
         if sp.se:

@@ -1,0 +1,60 @@
+"""The CPU depthwise convolution (shifted taps with a hand-written gradient) against XLA's
+grouped convolution: outputs, both gradients, parameters, and the export switch."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+
+from rkd_jax.models import depthwise
+
+
+@pytest.mark.parametrize("k,stride", [(3, 1), (3, 2), (5, 1), (5, 2)])
+@pytest.mark.parametrize("size", [(12, 12), (11, 14)])  # even and odd: TF 'SAME' padding sides
+def test_taps_match_grouped_conv_values_and_gradients(k, stride, size):
+    rng = np.random.default_rng(k * 10 + stride)
+    x = jnp.asarray(rng.standard_normal((3, *size, 40)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((k, k, 40)), jnp.float32)
+    ct = jnp.asarray(rng.standard_normal(depthwise.depthwise_native(x, w, stride).shape),
+                     jnp.float32)
+
+    def loss(f):
+        return lambda x, w: jnp.sum(f(x, w, stride) * ct)
+
+    y_taps = depthwise.depthwise_taps(x, w, stride)
+    y_ref = depthwise.depthwise_native(x, w, stride)
+    assert y_taps.shape == y_ref.shape
+    np.testing.assert_allclose(y_taps, y_ref, atol=2e-5, rtol=1e-5)
+    gx, gw = jax.grad(loss(depthwise.depthwise_taps), (0, 1))(x, w)
+    rx, rw = jax.grad(loss(depthwise.depthwise_native), (0, 1))(x, w)
+    np.testing.assert_allclose(gx, rx, atol=2e-5, rtol=1e-5)
+    # d/dw sums 3 * H * W products per tap: a looser absolute tolerance.
+    np.testing.assert_allclose(gw, rw, atol=1e-3, rtol=1e-5)
+
+
+def test_module_has_nn_conv_parameters_and_export_switch():
+    """Same parameter tree and values as nn.Conv(feature_group_count=C) under the same key, so
+    checkpoints, torch weight import and BatchNorm folding see no difference; inside
+    native_depthwise() the traced program is one grouped conv again (what export uses)."""
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 10, 10, 24)), jnp.float32)
+    ours = depthwise.DepthwiseConv(24, 3, 2, use_bias=True)
+    ref = nn.Conv(24, (3, 3), strides=(2, 2), padding="SAME", feature_group_count=24)
+    v_ours = ours.init(jax.random.key(1), x)
+    v_ref = ref.init(jax.random.key(1), x)
+    assert jax.tree.map(jnp.shape, v_ours) == jax.tree.map(jnp.shape, v_ref)
+    np.testing.assert_array_equal(v_ours["params"]["kernel"], v_ref["params"]["kernel"])
+    v_ref = {"params": {"kernel": v_ref["params"]["kernel"],
+                        "bias": jnp.linspace(-1, 1, 24, dtype=jnp.float32)}}
+    np.testing.assert_allclose(ours.apply(v_ref, x), ref.apply(v_ref, x), atol=2e-5)
+
+    apply = jax.jit(lambda x: ours.apply(v_ref, x))
+    assert depthwise.use_taps() == (jax.default_backend() == "cpu")
+    if jax.default_backend() == "cpu":
+        assert "conv_general_dilated" not in str(jax.make_jaxpr(apply)(x))
+    with depthwise.native_depthwise():
+        assert not depthwise.use_taps()
+        assert "conv_general_dilated" in str(jax.make_jaxpr(lambda x: ours.apply(v_ref, x))(x))
+    assert depthwise.use_taps() == (jax.default_backend() == "cpu")
+    with pytest.raises(ValueError, match="input has 24 channels, expected 8"):
+        depthwise.DepthwiseConv(8, 3).init(jax.random.key(0), x)
