@@ -65,6 +65,8 @@ PAPER_LABELS = {"teacher": "teacher ResNet-101 + BERT-12", "student": "student R
                 "distill": "student ResNet-18 + BERT-4 w/ distill"}
 
 _SEED_DIR = re.compile(r"^seed(\d+)$")
+# The seed key of a run shared by every seed (launch.sh's teacher: <root>/<dataset>/<run>).
+SHARED = -1
 
 
 class TableError(ValueError):
@@ -101,6 +103,8 @@ class Collected:
     example: dict | None
     seeds: set[int]
     runs: set[str]
+    # runs found directly under <root>/<dataset>/ (one run shared by every seed)
+    shared_runs: set[str]
     columns_found: set[tuple[str, str]]
     num_files: int
 
@@ -117,50 +121,61 @@ def collect(root: Path) -> Collected:
     root = Path(root)
     if not root.is_dir():
         raise TableError(f"--root {root}: not a directory (expected a launch.sh run root)")
-    out = Collected({}, {}, None, set(), set(), set(), 0)
+    out = Collected({}, {}, None, set(), set(), set(), set(), 0)
     for ds_dir in sorted(p for p in root.iterdir() if p.is_dir()):
-        for seed_dir in sorted(ds_dir.iterdir()):
-            m = _SEED_DIR.match(seed_dir.name)
-            if not m or not seed_dir.is_dir():
-                continue
-            seed = int(m.group(1))
-            out.seeds.add(seed)
-            for run_dir in sorted(p for p in seed_dir.iterdir() if p.is_dir()):
-                run = run_dir.name
-                out.runs.add(run)
-                if (run_dir / "config.json").is_file():
-                    out.configs[(run, ds_dir.name, seed)] = _read_json(run_dir / "config.json")
-                prefix = f"{ds_dir.name}_"
-                for f in sorted((run_dir / "results").glob(f"{prefix}*.json")):
-                    split = f.stem[len(prefix):]
-                    payload = _read_json(f)
-                    metrics = payload.get("metrics")
-                    for name, resolution in METRICS:
-                        try:
-                            float(metrics[resolution][name])
-                        except (KeyError, TypeError, ValueError):
-                            raise TableError(
-                                f"{f}: lacks metrics.{resolution}.{name} (expected a results "
-                                "file of python -m rkd_jax.main)"
-                            ) from None
-                    out.metrics[(run, ds_dir.name, split, seed)] = metrics
-                    out.columns_found.add((ds_dir.name, split))
-                    out.example = out.example or payload
-                    out.num_files += 1
+        found = []  # (seed, run directory)
+        for sub in sorted(p for p in ds_dir.iterdir() if p.is_dir()):
+            m = _SEED_DIR.match(sub.name)
+            if m:
+                out.seeds.add(int(m.group(1)))
+                found += [(int(m.group(1)), p) for p in sorted(sub.iterdir()) if p.is_dir()]
+            elif (sub / "results").is_dir() or (sub / "config.json").is_file():
+                found.append((SHARED, sub))
+                out.shared_runs.add(sub.name)
+        for seed, run_dir in found:
+            run = run_dir.name
+            out.runs.add(run)
+            if (run_dir / "config.json").is_file():
+                out.configs[(run, ds_dir.name, seed)] = _read_json(run_dir / "config.json")
+            prefix = f"{ds_dir.name}_"
+            for f in sorted((run_dir / "results").glob(f"{prefix}*.json")):
+                split = f.stem[len(prefix):]
+                payload = _read_json(f)
+                metrics = payload.get("metrics")
+                for name, resolution in METRICS:
+                    try:
+                        float(metrics[resolution][name])
+                    except (KeyError, TypeError, ValueError):
+                        raise TableError(
+                            f"{f}: lacks metrics.{resolution}.{name} (expected a results "
+                            "file of python -m rkd_jax.main)"
+                        ) from None
+                out.metrics[(run, ds_dir.name, split, seed)] = metrics
+                out.columns_found.add((ds_dir.name, split))
+                out.example = out.example or payload
+                out.num_files += 1
     return out
 
 
 def stat(c: Collected, run: str, column: tuple[str, str], metric: str, resolution: str,
          seeds: Sequence[int]) -> Stat:
-    """Stat of one cell in percent, over `seeds` (the seeds that should be there)."""
+    """Stat of one cell in percent, over `seeds` (the seeds that should be there); a shared
+    run (one run for every seed) is one value of one expected."""
     ds, split = column
+    if run in c.shared_runs:
+        seeds = [SHARED]
     values = {k: 100.0 * float(c.metrics[(run, ds, split, k)][resolution][metric])
               for k in seeds if (run, ds, split, k) in c.metrics}
     return Stat.of(values, len(seeds))
 
 
 def paired_difference(a: Stat, b: Stat) -> Stat:
-    """a - b over the seeds both have (seed k of a against seed k of b)."""
+    """a - b over the seeds both have (seed k of a against seed k of b); a shared run's one
+    value is paired with every seed of the other."""
+    if set(a.values) == {SHARED} and SHARED not in b.values:
+        return Stat.of({k: a.values[SHARED] - v for k, v in b.values.items()}, b.expected)
+    if set(b.values) == {SHARED} and SHARED not in a.values:
+        return Stat.of({k: v - b.values[SHARED] for k, v in a.values.items()}, a.expected)
     common = sorted(set(a.values) & set(b.values))
     return Stat.of({k: a.values[k] - b.values[k] for k in common}, a.expected)
 
@@ -392,6 +407,8 @@ def build(root: Path, out: Path, seeds: int | None = None,
         f" deviation over seeds, in percent; n = seeds with a results file, out of"
         f" {len(seed_list)} (seeds {', '.join(map(str, seed_list)) or 'none'})."),
         "",
+        *([("One run per dataset, shared by every seed (n=1, no std; paired with each seed in the "
+            f"differences): {', '.join(sorted(c.shared_runs))}."), ""] if c.shared_runs else []),
         "## mIoU (%), network resolution",
         "",
         *table("mIoU", "network"),

@@ -150,6 +150,30 @@ def test_table_means_stds_and_missing_seeds(fake_root, tmp_path):
     assert _row(md, "student (no distillation)", net)[0] == "52.00 ± 2.83 (n=2 of 4)"
 
 
+def test_table_shared_teacher_pairs_with_every_seed(tmp_path):
+    """launch.sh's layout: one teacher per dataset (<root>/refcoco/teacher) for every seed."""
+    root, out = tmp_path / "runs", tmp_path / "out"
+    _results(root / "refcoco/teacher", "refcoco", "val", 0.60, 0.60, 0.60, 0.60)
+    _config(root / "refcoco/teacher", "teacher", seed=0)
+    for k, v in {0: 0.50, 1: 0.54, 2: 0.40}.items():
+        for run, gain in (("student", 0.0), ("distill", 0.05 + 0.01 * k)):
+            d = root / "refcoco" / f"seed{k}" / run
+            _results(d, "refcoco", "val", v + gain, v + gain, v + gain, v + gain)
+            _config(d, "student" if run == "student" else "distill", seed=k)
+    (root / "launch.json").write_text(json.dumps({"setting": "miniature", "seeds": 3}))
+    table.build(root, out)
+    md = (out / "table1.md").read_text()
+    net = "mIoU (%), network resolution"
+    assert _row(md, "teacher", net)[0] == "60.00 (n=1)"
+    assert "One run per dataset, shared by every seed" in md and ": teacher." in md
+    assert _row(md, "student (no distillation)", net)[0] == "48.00 ± 7.21 (n=3)"
+    gains = "Gain over the student baseline"
+    # 60 - (50, 54, 40): 10, 6, 20 -> mean 12, std sqrt(52) = 7.21.
+    assert _row(md, "teacher − student (the margin)", gains)[0] == "+12.00 ± 7.21 (n=3)"
+    assert _row(md, "student + L_VL + L_C (the paper)", gains)[0] == "+6.00 ± 1.00 (n=3)"
+    assert "Every row's runs share one configuration apart from the seed." in md
+
+
 def test_table_bad_input_names_the_file(tmp_path, capsys):
     assert table.main(["--root", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
     assert "nope: not a directory" in capsys.readouterr().err
@@ -178,7 +202,8 @@ def test_launch_rejects_bad_options(tmp_path):
 
 def _checkpoints(root: Path) -> dict[str, float]:
     return {str(p.relative_to(root)): p.stat().st_mtime
-            for p in root.glob("*/seed*/*/checkpoints/*") if p.name.isdigit()}
+            for p in [*root.glob("*/seed*/*/checkpoints/*"), *root.glob("*/teacher/checkpoints/*")]
+            if p.name.isdigit()}
 
 
 TINY_RUNS = ("teacher", "student", "distill", "vl_only", "channel_only", "logit_kd", "skd", "cwd",
@@ -207,21 +232,24 @@ def test_launch_tiny_runs_every_stage_then_skips_them(tmp_path):
         print(f"launch.sh {' '.join(extra)}: {time.perf_counter() - t0:.0f} s")
         return r.stdout
 
+    def run_dir(run):
+        return root / "refcoco" / ("teacher" if run == "teacher" else f"seed0/{run}")
+
     first = launch()
     for run in TINY_RUNS:
-        d = root / "refcoco" / "seed0" / run
+        d = run_dir(run)
+        name = "refcoco/teacher" if run == "teacher" else f"refcoco/seed0/{run}"
         res = json.loads((d / "results" / "refcoco_val.json").read_text())
         assert res["role"] == ("teacher" if run == "teacher" else "student"), run
-        assert re.search(rf"^run \w+ refcoco/seed0/{run} ", first, re.MULTILINE), run
+        assert re.search(rf"^run \w+ {name} ", first, re.MULTILINE), run
         cfg = json.loads((d / "config.json").read_text())
         assert cfg["seed"] == 0 and cfg["data"]["dataset"] == "refcoco"
         assert cfg["run"]["max_steps"] == 2
         assert not (d / "teacher").exists()  # the teacher run is reused, never retrained
         if run not in ("teacher", "student", "lite0"):
             assert cfg["mode"] == "distill"
-            assert cfg["teacher_checkpoint"] == str(root / "refcoco" / "seed0" / "teacher")
-    cfg = {r: json.loads((root / "refcoco/seed0" / r / "config.json").read_text())
-           for r in TINY_RUNS}
+            assert cfg["teacher_checkpoint"] == str(root / "refcoco" / "teacher")
+    cfg = {r: json.loads((run_dir(r) / "config.json").read_text()) for r in TINY_RUNS}
     assert cfg["vl_only"]["distill"]["lambda_channel"] == 0.0
     assert cfg["channel_only"]["distill"]["lambda_vl"] == 0.0
     assert [cfg[m]["distill"]["method"] for m in ("logit_kd", "skd", "cwd", "ickd")] == [
@@ -243,7 +271,8 @@ def test_launch_tiny_runs_every_stage_then_skips_them(tmp_path):
     assert not re.search(r"^run ", second, re.MULTILINE), second
     assert "skip data refcoco: results exist" in second
     for run in TINY_RUNS:
-        line = rf"^skip \w+ refcoco/seed0/{run}: results exist$"
+        name = "refcoco/teacher" if run == "teacher" else f"refcoco/seed0/{run}"
+        line = rf"^skip \w+ {name}: results exist$"
         assert re.search(line, second, re.MULTILINE), run
     assert "skip report table1: results exist" in second
     assert "skip report model_report_tiny: results exist" in second
