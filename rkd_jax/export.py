@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rkd_jax.models.depthwise import native_depthwise
+from rkd_jax.models.convs import native_depthwise
 
 FORMATS = ("onnx", "jax")
 INPUT_NAMES = ("image", "tokens", "token_mask")

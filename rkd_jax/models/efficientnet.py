@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from rkd_jax.models.depthwise import DepthwiseConv
+from rkd_jax.models.convs import DepthwiseConv
 from rkd_jax.models.resnet import norm_or_folded
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

@@ -159,3 +159,4 @@ class DepthwiseConv(nn.Module):
             y = y + self.param("bias", nn.initializers.zeros, (self.features,),
                                self.param_dtype).astype(self.dtype)
         return y
+
