@@ -58,3 +58,61 @@ def test_module_has_nn_conv_parameters_and_export_switch():
     assert depthwise.use_taps() == (jax.default_backend() == "cpu")
     with pytest.raises(ValueError, match="input has 24 channels, expected 8"):
         depthwise.DepthwiseConv(8, 3).init(jax.random.key(0), x)
+
+
+@pytest.mark.parametrize("shape", [(4, 6, 6, 24), (3, 5, 7, 10)])
+def test_batch_norm_matches_flax(shape):
+    """Same variables, outputs, running-statistics update and gradients (input, scale, bias)
+    as flax's nn.BatchNorm, in training and in evaluation mode."""
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.standard_normal(shape) * 3 + 1, jnp.float32)
+    ct = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+    kw = {"momentum": 0.9, "epsilon": 1e-3}
+    ours, ref = depthwise.BatchNorm(**kw), nn.BatchNorm(**kw)
+    v = ref.init(jax.random.key(0), x, use_running_average=False)
+    assert jax.tree.map(jnp.shape, ours.init(jax.random.key(0), x, use_running_average=False)) \
+        == jax.tree.map(jnp.shape, v)
+    v = {"params": {"scale": jnp.linspace(0.5, 2, shape[-1]), "bias": jnp.linspace(-1, 1, shape[-1])},
+         "batch_stats": {"mean": jnp.linspace(-0.2, 0.2, shape[-1]),
+                         "var": jnp.linspace(0.5, 1.5, shape[-1])}}
+
+    def run(m, train):
+        def loss(params, x):
+            y, upd = m.apply({"params": params, "batch_stats": v["batch_stats"]}, x,
+                             use_running_average=not train, mutable=["batch_stats"])
+            return jnp.sum(y * ct), (y, upd)
+        (_, (y, upd)), grads = jax.value_and_grad(loss, (0, 1), has_aux=True)(v["params"], x)
+        return y, upd, grads
+
+    for train in (True, False):
+        y, upd, (gp, gx) = run(ours, train)
+        ry, rupd, (rgp, rgx) = run(ref, train)
+        np.testing.assert_allclose(y, ry, atol=2e-5, rtol=1e-5)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-5), upd, rupd)
+        np.testing.assert_allclose(gx, rgx, atol=2e-5, rtol=1e-4)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-5), gp, rgp)
+    # The running statistics move (training mode) by the flax rule.
+    assert not np.allclose(run(ours, True)[1]["batch_stats"]["mean"], v["batch_stats"]["mean"])
+
+
+def test_batch_norm_train_gradient_through_its_statistics():
+    rng = np.random.default_rng(4)
+    x = jnp.asarray(rng.standard_normal((2, 5, 5, 6)), jnp.float32)
+    s, b = jnp.linspace(0.5, 2, 6), jnp.linspace(-1, 1, 6)
+    a1, a2, ct = (jnp.asarray(rng.standard_normal(k), jnp.float32) for k in (6, 6, x.shape))
+
+    def reference(x, s, b):
+        mean = jnp.mean(x, axis=(0, 1, 2))
+        var = jnp.mean(jnp.square(x), axis=(0, 1, 2)) - jnp.square(mean)
+        return (x - mean) * jax.lax.rsqrt(var + 1e-3) * s + b, mean, var
+
+    def loss(f):
+        def fn(x, s, b):
+            y, mean, var = f(x, s, b)
+            return jnp.sum(y * ct) + jnp.sum(mean * a1) + jnp.sum(var * a2)
+        return fn
+
+    ours = jax.grad(loss(lambda x, s, b: depthwise.batch_norm_train(x, s, b, 1e-3)), (0, 1, 2))
+    ref = jax.grad(loss(reference), (0, 1, 2))
+    for g, r in zip(ours(x, s, b), ref(x, s, b)):
+        np.testing.assert_allclose(g, r, atol=3e-5, rtol=1e-4)

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from rkd_jax.models.convs import DepthwiseConv
+from rkd_jax.models.convs import BatchNorm, DepthwiseConv
 from rkd_jax.models.resnet import norm_or_folded
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -123,7 +123,7 @@ def _bn_factory(fold_bn: bool, dtype: Any):
     if fold_bn:
         return lambda: None
     return functools.partial(
-        nn.BatchNorm, momentum=0.99, epsilon=BN_EPSILON, dtype=dtype, param_dtype=jnp.float32
+        BatchNorm, momentum=0.99, epsilon=BN_EPSILON, dtype=dtype, param_dtype=jnp.float32
     )
 
 
