@@ -6,7 +6,8 @@ Times (best of --repeats, after a warm-up call) the forward and the gradient (in
 kernel) of every distinct depthwise conv of EfficientNet-Lite0 at --size x --size input, then
 the whole Lite0 backbone's training gradient (BatchNorm in training mode), each with
 `lax.conv_general_dilated(feature_group_count=C)` ("native") and with
-`rkd_jax.models.convs.depthwise_taps` ("taps"). Prints one row per shape and the load average,
+`rkd_jax.models.convs.depthwise_taps` ("taps"), and once more with flax's nn.BatchNorm in
+place of rkd_jax.models.convs.BatchNorm (the tree-summed statistics). Prints one row per shape and the load average,
 since a shared machine skews absolute times (the ratios hold better).
 """
 
@@ -50,7 +51,9 @@ def main(argv=None) -> int:
     import jax
     import jax.numpy as jnp
 
-    from rkd_jax.models import convs
+    from flax import linen as nn
+
+    from rkd_jax.models import convs, efficientnet
     from rkd_jax.models.efficientnet import EfficientNet, architecture
 
     load0 = os.getloadavg()
@@ -88,16 +91,23 @@ def main(argv=None) -> int:
         return sum(jnp.mean(o ** 2) for o in outs)
 
     backbone = {}
-    for name in ("native", "taps"):
+    for name in ("native", "taps", "taps_flax_batchnorm"):
         if name == "native":
             with convs.native_depthwise():
                 fn = jax.jit(jax.grad(loss)).lower(v["params"], x).compile()
-        else:
+        elif name == "taps":
             fn = jax.jit(jax.grad(loss)).lower(v["params"], x).compile()
+        else:  # the same model with flax's nn.BatchNorm (same variables) instead of ours
+            efficientnet.BatchNorm = nn.BatchNorm
+            try:
+                fn = jax.jit(jax.grad(loss)).lower(v["params"], x).compile()
+            finally:
+                efficientnet.BatchNorm = convs.BatchNorm
         backbone[name] = best_ms(fn, v["params"], x, repeats=args.repeats)
     print(f"Lite0 backbone training gradient, batch {args.batch}, {args.size}x{args.size}: "
-          f"native {backbone['native']:.0f} ms, taps {backbone['taps']:.0f} ms "
-          f"({backbone['native'] / backbone['taps']:.1f}x); load {load0[0]:.2f} -> "
+          f"native depthwise {backbone['native']:.0f} ms, taps {backbone['taps']:.0f} ms "
+          f"({backbone['native'] / backbone['taps']:.1f}x); taps with flax's nn.BatchNorm "
+          f"{backbone['taps_flax_batchnorm']:.0f} ms; load {load0[0]:.2f} -> "
           f"{os.getloadavg()[0]:.2f}")
     if args.out:
         Path(args.out).write_text(json.dumps({
