@@ -97,6 +97,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.distill.cwd_tau = 4.0  # cwd: spatial softmax temperature
     c.distill.cwd_weight = 3.0  # cwd: loss weight
     c.distill.ickd_weight = 2.5  # ickd: loss weight (ICKD's released setting)
+    c.distill.ickd_adapter = True  # ickd: learned 1x1 conv + BN on the student's features (ICKD's)
 
     c.run = ml_collections.ConfigDict()
     c.run.compute_dtype = "auto"  # auto (bf16 on GPU, f32 on CPU) | float32 | bfloat16

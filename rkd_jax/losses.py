@@ -323,8 +323,9 @@ def ickd_loss(d_t: Array, d_s: Array, weights: Array | None = None) -> Array:
     G = F^T F is the C x C channel Gram matrix (no HW division); each row of G is
     L2-normalised; the loss is sum_ij (G^t_ij - G^s_ij)^2 / C per example (the ICKD code's
     sum / (C * B)), i.e. C times the mean squared difference, so ICKD's own loss weights carry
-    over. No adaptation layer: ICKD puts a 1x1 conv + BN on the student to match channels,
-    but teacher and student decoders both output C = 256 here, so none is needed.
+    over. ICKD passes the student's features through a learned 1x1 conv + BN first; the
+    train step does that (`rkd_jax.models.adapter`, `config.distill.ickd_adapter`) and hands
+    the adapted features in as `d_s`.
 
     Args:
       d_t: `[B, HW, C]` (or `[B, H, W, C]`) teacher features.
@@ -412,7 +413,8 @@ def distillation_losses(
         - 'skd': + skd_weight * loss_skd, pair-wise similarity of the decoder features
           (`skd_pool_scale`, default 0.5; 0 = every position is a node).
         - 'cwd': + cwd_weight * loss_cwd (`cwd_tau`), on the logits (CWD's segmentation setup).
-        - 'ickd': + ickd_weight * loss_ickd, on the decoder features.
+        - 'ickd': + ickd_weight * loss_ickd, on the decoder features (the student's after
+          ICKD's adapter when the train step applies one).
         Optional `seg_loss` ('ce' | 'bce').
 
     Returns:

@@ -244,7 +244,8 @@ def _loss_text(cfg: dict) -> str:
     if method == "cwd":
         return f"CWD: tau={d.get('cwd_tau', '?')}, weight {d.get('cwd_weight', '?')}"
     if method == "ickd":
-        return f"ICKD: weight {d.get('ickd_weight', '?')}"
+        adapter = "1x1 conv + BN adapter" if d.get("ickd_adapter", False) else "no adapter"
+        return f"ICKD: weight {d.get('ickd_weight', '?')}, {adapter}"
     return f"method {method}"
 
 

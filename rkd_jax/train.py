@@ -28,6 +28,7 @@ from rkd_jax import losses as loss_lib
 from rkd_jax import parallel
 from rkd_jax import platform
 from rkd_jax.models import build
+from rkd_jax.models.adapter import ChannelAdapter
 from rkd_jax.optim import make_optimizer
 
 log = logging.getLogger("rkd_jax")
@@ -41,6 +42,9 @@ class TrainState:
     params: Any
     batch_stats: Any
     opt_state: Any
+    # Training-only modules that are not part of the model (the ICKD adapter):
+    # {"params", "batch_stats", "opt_state"}, or None. See `init_aux`.
+    aux: Any = None
 
 
 def phase_configs(config, role: str):
@@ -58,6 +62,30 @@ def text_frozen(path: tuple) -> bool:
     return len(path) > 0 and getattr(path[0], "key", None) == "text_encoder"
 
 
+def uses_adapter(config, mode: str) -> bool:
+    """Whether the step trains ICKD's student-side adapter (distill mode, method 'ickd',
+    `config.distill.ickd_adapter` true)."""
+    d = config.distill
+    return (mode == "distill" and d.method == "ickd"
+            and bool(d.get("ickd_adapter", True)))
+
+
+def make_adapter(config) -> ChannelAdapter:
+    """ICKD's adapter: student decoder channels -> the teacher's."""
+    return ChannelAdapter(features=int(config.teacher.fpn_dim))
+
+
+def init_aux(config, mode: str, tx: optax.GradientTransformation, rng: jax.Array):
+    """The `aux` part of a fresh TrainState: the adapter's variables and optimizer state
+    (trained by `tx`, like the student), or None when the step has no training-only module."""
+    if not uses_adapter(config, mode):
+        return None
+    dummy = jnp.zeros((1, 4, int(config.student.fpn_dim)), jnp.float32)
+    variables = make_adapter(config).init(rng, dummy, train=False)
+    return {"params": variables["params"], "batch_stats": variables["batch_stats"],
+            "opt_state": tx.init(variables["params"])}
+
+
 def make_train_step(config, mode: str, tx: optax.GradientTransformation,
                     student, teacher=None) -> Callable:
     """Jitted `step(state, batch, teacher_vars, tables) -> (state, metrics)`.
@@ -72,6 +100,7 @@ def make_train_step(config, mode: str, tx: optax.GradientTransformation,
     if mode == "distill" and teacher is None:
         raise ValueError("distill mode needs the teacher model")
     base_key = build.make_key(int(config.seed))
+    adapter = make_adapter(config) if uses_adapter(config, mode) else None
 
     def text_of(tables, name, batch):
         table = tables.get(name)
@@ -87,23 +116,43 @@ def make_train_step(config, mode: str, tx: optax.GradientTransformation,
             )
             teacher_out = jax.lax.stop_gradient(teacher_out)
 
-        def loss_fn(params):
+        def loss_fn(params, aux_params):
             out, updates = student.apply(
                 {"params": params, "batch_stats": state.batch_stats}, *args, train=True,
                 text_features=text_of(tables, "student", batch),
                 mutable=["batch_stats"], rngs={"dropout": rng},
             )
+            aux_stats = None
+            if adapter is not None:
+                # ICKD compares the teacher's features with the adapted student features.
+                embedded, aux_updates = adapter.apply(
+                    {"params": aux_params, "batch_stats": state.aux["batch_stats"]},
+                    out["decoder"], train=True, mutable=["batch_stats"],
+                )
+                out = dict(out, decoder=embedded)
+                aux_stats = aux_updates["batch_stats"]
             if mode == "distill":
                 terms = loss_lib.distillation_losses(teacher_out, out, batch, config.distill)
             else:
                 terms = loss_lib.supervised_losses(out, batch, config.distill)
-            return terms["loss"], (terms, updates["batch_stats"])
+            return terms["loss"], (terms, updates["batch_stats"], aux_stats)
 
-        grads, (terms, batch_stats) = jax.grad(loss_fn, has_aux=True)(state.params)
+        aux = state.aux
+        if adapter is None:
+            grads, (terms, batch_stats, _) = jax.grad(loss_fn, has_aux=True)(state.params, None)
+        else:
+            if aux is None:
+                raise ValueError("config.distill.method='ickd' with ickd_adapter=True needs "
+                                 "TrainState.aux from train.init_aux (the adapter's variables)")
+            (grads, aux_grads), (terms, batch_stats, aux_stats) = jax.grad(
+                loss_fn, argnums=(0, 1), has_aux=True)(state.params, aux["params"])
+            aux_upd, aux_opt = tx.update(aux_grads, aux["opt_state"], aux["params"])
+            aux = {"params": optax.apply_updates(aux["params"], aux_upd),
+                   "batch_stats": aux_stats, "opt_state": aux_opt}
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = dict(terms, grad_norm=optax.tree.norm(grads))
-        new_state = TrainState(state.step + 1, params, batch_stats, opt_state)
+        new_state = TrainState(state.step + 1, params, batch_stats, opt_state, aux)
         return new_state, metrics
 
     return jax.jit(step, donate_argnums=(0,))
@@ -284,6 +333,7 @@ def run_phase(config, run_dir: Path, role: str, mesh, teacher_vars=None) -> dict
         return TrainState(
             step=jnp.zeros((), jnp.int32), params=variables["params"],
             batch_stats=variables["batch_stats"], opt_state=tx.init(variables["params"]),
+            aux=init_aux(config, mode, tx, jax.random.fold_in(init_rng, 7)),
         )
 
     ckpt = ckpt_lib.Checkpointer(run_dir / "checkpoints", keep=int(config.run.keep_checkpoints))

@@ -309,3 +309,60 @@ def test_nan_loss_stops_with_step_and_term(tmp_path):
     config.teacher_train.lr = 1e30  # diverges at once
     with pytest.raises(FloatingPointError, match=r"step \d+: (loss|grad_norm)"):
         train.train_and_evaluate(config, tmp_path)
+
+
+def test_ickd_step_trains_its_adapter_outside_the_student():
+    config = tiny_config()
+    config.distill.method = "ickd"
+    tx, _ = make_optimizer(config.train, 10, frozen=train.text_frozen)
+    step, state, t_vars = setup_models(config, tx=tx)
+    batch = random_batch(config, seed=5)
+    tables = {"student": None, "teacher": None}
+    with pytest.raises(ValueError, match="init_aux"):
+        step(state, batch, t_vars, tables)
+    state = state.replace(aux=train.init_aux(config, "distill", tx, build.make_key(3)))
+    assert set(state.aux["params"]) == {"conv1x1", "bn"}
+    new_state, metrics = step(jax.tree.map(jnp.copy, state), batch, t_vars, tables)
+    assert np.isfinite(float(metrics["loss_ickd"])) and float(metrics["loss_ickd"]) > 0
+    moved = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), state.aux["params"],
+                         new_state.aux["params"])
+    assert min(jax.tree.leaves(moved)) > 0  # the adapter trains (kernel, BN scale and bias)
+    stats = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), state.aux["batch_stats"],
+                         new_state.aux["batch_stats"])
+    assert min(jax.tree.leaves(stats)) > 0  # its BatchNorm statistics update
+    assert "conv1x1" not in new_state.params and "bn" not in new_state.params
+    # Without the adapter (ickd_adapter=False) the state has no aux and the loss differs.
+    config.distill.ickd_adapter = False
+    plain_step, plain_state, _ = setup_models(config, tx=tx)
+    assert not train.uses_adapter(config, "distill")
+    assert train.init_aux(config, "distill", tx, build.make_key(3)) is None
+    _, plain = plain_step(plain_state, batch, t_vars, tables)
+    assert float(plain["loss_ickd"]) != pytest.approx(float(metrics["loss_ickd"]))
+
+
+def test_ickd_run_resumes_its_adapter_and_saves_only_the_student(tiny_run, tmp_path):
+    from rkd_jax import checkpoint as ckpt_lib
+
+    def run(workdir, max_steps):
+        config = tiny_config(max_steps=max_steps, max_eval_examples=8, checkpoint_every_steps=2)
+        config.distill.method = "ickd"
+        config.teacher_checkpoint = str(tiny_run / "teacher")
+        config.data.eval_splits = ("val",)
+        train.train_and_evaluate(config, workdir)
+        return ckpt_lib.Checkpointer(workdir / "checkpoints", read_only=True)
+
+    straight = tmp_path / "straight"
+    run(straight, 4)
+    split = tmp_path / "split"
+    run(split, 2)
+    run(split, 4)  # resumes at step 2: student, optimizer, data order and adapter
+    log = [json.loads(line) for line in (split / "metrics.jsonl").open()]
+    assert [r["step"] for r in log if "loss_ickd" in r][-1] == 4
+    _, a, _ = ckpt_lib.restore(straight / "checkpoints" / "4")
+    _, b, _ = ckpt_lib.restore(split / "checkpoints" / "4")
+    # Equal only if the resumed run restored the adapter instead of initialising a new one.
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6), a, b)
+    student = build.build_model(tiny_config().student)
+    target = build.abstract_variables(student, tiny_config().data.image_size,
+                                      tiny_config().data.max_tokens)
+    assert set(a["params"]) == set(target["params"])  # no adapter in the student's variables
