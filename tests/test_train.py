@@ -349,7 +349,6 @@ def test_ickd_run_resumes_its_adapter_and_saves_only_the_student(tiny_run, tmp_p
         config.teacher_checkpoint = str(tiny_run / "teacher")
         config.data.eval_splits = ("val",)
         train.train_and_evaluate(config, workdir)
-        return ckpt_lib.Checkpointer(workdir / "checkpoints", read_only=True)
 
     straight = tmp_path / "straight"
     run(straight, 4)
