@@ -37,8 +37,9 @@ def best_ms(fn, *args, repeats: int) -> float:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--size", type=int, default=96)
     p.add_argument("--repeats", type=int, default=5)
@@ -50,7 +51,6 @@ def main(argv=None) -> int:
     platform.configure_cpu_flags()
     import jax
     import jax.numpy as jnp
-
     from flax import linen as nn
 
     from rkd_jax.models import convs, efficientnet
@@ -77,18 +77,25 @@ def main(argv=None) -> int:
             row[f"{name}_fwd_ms"] = best_ms(fwd, x, w, repeats=args.repeats)
             row[f"{name}_grad_ms"] = best_ms(grad, x, w, repeats=args.repeats)
         rows.append(row)
-        print(f"{str(row['input']):22s} k{spec.kernel} s{spec.stride} | fwd native "
-              f"{row['native_fwd_ms']:7.1f} ms taps {row['taps_fwd_ms']:6.1f} ms | grad native "
-              f"{row['native_grad_ms']:7.1f} ms taps {row['taps_grad_ms']:6.1f} ms", flush=True)
+        print(
+            f"{row['input']!s:22s} k{spec.kernel} s{spec.stride} | fwd native "
+            f"{row['native_fwd_ms']:7.1f} ms taps {row['taps_fwd_ms']:6.1f} ms | grad native "
+            f"{row['native_grad_ms']:7.1f} ms taps {row['taps_grad_ms']:6.1f} ms",
+            flush=True,
+        )
 
     model = EfficientNet("lite0")
     x = jnp.ones((args.batch, args.size, args.size, 3))
     v = model.init(jax.random.key(0), x, train=True)
 
     def loss(params, x):
-        outs, _ = model.apply({"params": params, "batch_stats": v["batch_stats"]}, x, train=True,
-                              mutable=["batch_stats"])
-        return sum(jnp.mean(o ** 2) for o in outs)
+        outs, _ = model.apply(
+            {"params": params, "batch_stats": v["batch_stats"]},
+            x,
+            train=True,
+            mutable=["batch_stats"],
+        )
+        return sum(jnp.mean(o**2) for o in outs)
 
     backbone = {}
     for name in ("native", "taps", "taps_flax_batchnorm"):
@@ -104,17 +111,31 @@ def main(argv=None) -> int:
             finally:
                 efficientnet.BatchNorm = convs.BatchNorm
         backbone[name] = best_ms(fn, v["params"], x, repeats=args.repeats)
-    print(f"Lite0 backbone training gradient, batch {args.batch}, {args.size}x{args.size}: "
-          f"native depthwise {backbone['native']:.0f} ms, taps {backbone['taps']:.0f} ms "
-          f"({backbone['native'] / backbone['taps']:.1f}x); taps with flax's nn.BatchNorm "
-          f"{backbone['taps_flax_batchnorm']:.0f} ms; load {load0[0]:.2f} -> "
-          f"{os.getloadavg()[0]:.2f}")
+    print(
+        f"Lite0 backbone training gradient, batch {args.batch}, {args.size}x{args.size}: "
+        f"native depthwise {backbone['native']:.0f} ms, taps {backbone['taps']:.0f} ms "
+        f"({backbone['native'] / backbone['taps']:.1f}x); taps with flax's nn.BatchNorm "
+        f"{backbone['taps_flax_batchnorm']:.0f} ms; load {load0[0]:.2f} -> "
+        f"{os.getloadavg()[0]:.2f}"
+    )
     if args.out:
-        Path(args.out).write_text(json.dumps({
-            "jax": jax.__version__, "backend": jax.default_backend(), "cpu": platform.cpu_model(),
-            "xla_flags": os.environ.get("XLA_FLAGS", ""), "load_start": load0,
-            "load_end": os.getloadavg(), "batch": args.batch, "size": args.size,
-            "depthwise": rows, "lite0_backbone_grad_ms": backbone}, indent=1))
+        Path(args.out).write_text(
+            json.dumps(
+                {
+                    "jax": jax.__version__,
+                    "backend": jax.default_backend(),
+                    "cpu": platform.cpu_model(),
+                    "xla_flags": os.environ.get("XLA_FLAGS", ""),
+                    "load_start": load0,
+                    "load_end": os.getloadavg(),
+                    "batch": args.batch,
+                    "size": args.size,
+                    "depthwise": rows,
+                    "lite0_backbone_grad_ms": backbone,
+                },
+                indent=1,
+            )
+        )
     return 0
 
 

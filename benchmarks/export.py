@@ -109,8 +109,11 @@ def run(args) -> dict:
         "onnxruntime_threads": args.threads or "onnxruntime default",
         "jax_threads": "XLA CPU default (all cores)",
         "xla_flags_added": XLA_FLAGS_ADDED,
-        "machine": {"cpu": platform.cpu_model(), "cores": os.cpu_count(),
-                    "system": host_platform.system()},
+        "machine": {
+            "cpu": platform.cpu_model(),
+            "cores": os.cpu_count(),
+            "system": host_platform.system(),
+        },
         "versions": platform.package_versions(
             "jax", "jaxlib", "flax", "jax2onnx", "onnx", "onnxruntime"
         ),

@@ -70,27 +70,51 @@ COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", choices=sorted(CONFIGS), default="paper")
-    p.add_argument("--batch", type=int, nargs="+", default=None,
-                   help="batch sizes (default: paper 2 8, mini 16 64, tiny 8)")
+    p.add_argument(
+        "--batch",
+        type=int,
+        nargs="+",
+        default=None,
+        help="batch sizes (default: paper 2 8, mini 16 64, tiny 8)",
+    )
     p.add_argument("--steps", type=int, default=3, help="timed calls per measurement")
     p.add_argument("--warmup", type=int, default=2, help="untimed calls before the timed ones")
     p.add_argument("--latency-runs", type=int, default=30, help="batch-1 calls timed one by one")
-    p.add_argument("--only", nargs="+", choices=("distill", "infer", "latency"),
-                   default=("distill", "infer", "latency"), help="measure only these")
+    p.add_argument(
+        "--only",
+        nargs="+",
+        choices=("distill", "infer", "latency"),
+        default=("distill", "infer", "latency"),
+        help="measure only these",
+    )
     p.add_argument("--peer", action="store_true", help="run shared/bench/torch_peer.py too")
-    p.add_argument("--peer-script", default="",
-                   help="torch_peer.py (default: shared/bench/ in or beside the checkout)")
-    p.add_argument("--peer-compile", type=int, choices=(0, 1), default=1,
-                   help="the peer's --compile (torch.compile; its default)")
+    p.add_argument(
+        "--peer-script",
+        default="",
+        help="torch_peer.py (default: shared/bench/ in or beside the checkout)",
+    )
+    p.add_argument(
+        "--peer-compile",
+        type=int,
+        choices=(0, 1),
+        default=1,
+        help="the peer's --compile (torch.compile; its default)",
+    )
     p.add_argument("--peer-steps", type=int, default=None, help="the peer's --steps (= --steps)")
     p.add_argument("--peer-venv", default=str(PEER_VENV))
     p.add_argument("--no-fold", action="store_true", help="unfolded BatchNorm (before/after)")
     p.add_argument("--keep-ynn", action="store_true", help="keep XLA's YNNPACK convolutions")
     p.add_argument("--xla-flags", default="", help="extra XLA flags, appended to XLA_FLAGS")
-    p.add_argument("--profile", action="store_true",
-                   help="op census of the distill step at the first batch size (slow)")
-    p.add_argument("--smoke", action="store_true",
-                   help="tiny config, batch 8, 2 steps, 3 latency runs, no peer (test suite)")
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="op census of the distill step at the first batch size (slow)",
+    )
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiny config, batch 8, 2 steps, 3 latency runs, no peer (test suite)",
+    )
     p.add_argument("--out", default="", help="results JSON (default benchmarks/results/...)")
     args = p.parse_args(argv)
     if args.smoke:
@@ -213,8 +237,11 @@ def op_census(jaxpr, repeats: int = 3) -> list[dict]:
         for eqn in j.eqns:
             name = eqn.primitive.name
             if name in ("conv_general_dilated", "dot_general"):
-                key = (name, tuple((v.aval.shape, str(v.aval.dtype)) for v in eqn.invars),
-                       repr(sorted(eqn.params.items())))
+                key = (
+                    name,
+                    tuple((v.aval.shape, str(v.aval.dtype)) for v in eqn.invars),
+                    repr(sorted(eqn.params.items())),
+                )
                 counts[key] += times
                 eqns[key] = eqn
             mult = eqn.params.get("length", 1) if name == "scan" else 1
@@ -247,12 +274,19 @@ def op_census(jaxpr, repeats: int = 3) -> list[dict]:
             rhs = eqn.invars[1].aval.shape
             o = rhs[eqn.params["dimension_numbers"].rhs_spec[0]]
             flops, kind = 2.0 * math.prod(out) * math.prod(rhs) / o, _conv_kind(eqn.params)
-        rows.append({
-            "kind": kind, "count": n, "seconds_each": best, "seconds_total": best * n,
-            "gflop_each": flops / 1e9, "gflops": flops / best / 1e9,
-            "shapes": [list(v.aval.shape) for v in eqn.invars], "out": list(out),
-            "window_strides": list(eqn.params.get("window_strides", ())),
-        })
+        rows.append(
+            {
+                "kind": kind,
+                "count": n,
+                "seconds_each": best,
+                "seconds_total": best * n,
+                "gflop_each": flops / 1e9,
+                "gflops": flops / best / 1e9,
+                "shapes": [list(v.aval.shape) for v in eqn.invars],
+                "out": list(out),
+                "window_strides": list(eqn.params.get("window_strides", ())),
+            }
+        )
     rows.sort(key=lambda r: -r["seconds_total"])
     return rows
 
@@ -264,14 +298,20 @@ def print_census(rows: list[dict], step_seconds: float, top: int = 25) -> None:
         acc[0] += r["seconds_total"]
         acc[1] += r["gflop_each"] * r["count"]
     total = sum(v[0] for v in by_kind.values())
-    print(f"op census: step {step_seconds:.3f}s; convolutions and matmuls timed alone sum to "
-          f"{total:.3f}s; the rest (fusions, copies, reductions) ~{step_seconds - total:.3f}s")
+    print(
+        f"op census: step {step_seconds:.3f}s; convolutions and matmuls timed alone sum to "
+        f"{total:.3f}s; the rest (fusions, copies, reductions) ~{step_seconds - total:.3f}s"
+    )
     for kind, (sec, gf) in sorted(by_kind.items(), key=lambda kv: -kv[1][0]):
-        print(f"  {kind:9s} {sec:7.3f}s {100 * sec / step_seconds:5.1f}% of the step, "
-              f"{gf:8.1f} GFLOP, {gf / max(sec, 1e-9):6.1f} GFLOP/s")
+        print(
+            f"  {kind:9s} {sec:7.3f}s {100 * sec / step_seconds:5.1f}% of the step, "
+            f"{gf:8.1f} GFLOP, {gf / max(sec, 1e-9):6.1f} GFLOP/s"
+        )
     for r in rows[:top]:
-        print(f"  {r['kind']:9s} x{r['count']:<3d} {1e3 * r['seconds_each']:8.2f} ms "
-              f"{r['gflops']:6.1f} GFLOP/s  {r['shapes']} -> {r['out']} s{r['window_strides']}")
+        print(
+            f"  {r['kind']:9s} x{r['count']:<3d} {1e3 * r['seconds_each']:8.2f} ms "
+            f"{r['gflops']:6.1f} GFLOP/s  {r['shapes']} -> {r['out']} s{r['window_strides']}"
+        )
 
 
 def matmul_ceiling_tflops(n: int = 2048) -> float:
@@ -318,32 +358,38 @@ class Workload:
         self.teacher = build.build_model(c.teacher, self.dtype, bert)
         # Variable shapes do not depend on the image size: initialise on small images.
         init = lambda model, cfg, i: build.init_variables(
-            model, cfg, jax.random.fold_in(build.make_key(0), i), min(self.size, 64),
-            self.tokens, pretrained=False,
+            model,
+            cfg,
+            jax.random.fold_in(build.make_key(0), i),
+            min(self.size, 64),
+            self.tokens,
+            pretrained=False,
         )
         student_vars = init(self.student, c.student, 1)
         teacher_vars = init(self.teacher, c.teacher, 0)
         self.fold = not args.no_fold
         if self.fold:
             self.teacher, teacher_vars = fold.fold_batch_norm(self.teacher, teacher_vars)
-            self.predict_model, self.predict_vars = fold.fold_batch_norm(
-                self.student, student_vars
-            )
+            self.predict_model, self.predict_vars = fold.fold_batch_norm(self.student, student_vars)
         else:
             self.predict_model, self.predict_vars = self.student, student_vars
         self.teacher_vars = teacher_vars
         frozen = None if c.student.text_trainable else train.text_frozen
         tx, _ = make_optimizer(c.train, 1000, frozen=frozen)
         self.state0 = train.TrainState(
-            step=jnp.zeros((), jnp.int32), params=student_vars["params"],
-            batch_stats=student_vars["batch_stats"], opt_state=tx.init(student_vars["params"]),
+            step=jnp.zeros((), jnp.int32),
+            params=student_vars["params"],
+            batch_stats=student_vars["batch_stats"],
+            opt_state=tx.init(student_vars["params"]),
         )
         # Frozen text encoders run once per sentence in training (train.text_table): a table of
         # features indexed by sentence_id stands in for it here.
         self.num_sentences = 64
         self.tables = {"student": None, "teacher": None}
-        for role, model, cfg in (("student", self.student, c.student),
-                                 ("teacher", self.teacher, c.teacher)):
+        for role, model, cfg in (
+            ("student", self.student, c.student),
+            ("teacher", self.teacher, c.teacher),
+        ):
             if train.uses_text_cache(c, cfg):
                 dim = model.text_config.hidden_size
                 self.tables[role] = jax.random.normal(
@@ -453,16 +499,27 @@ def measure_latency(w: Workload, runs: int, warmup: int, counter: CompileCounter
         w.jax.block_until_ready(w.predict_fn(*args))
         times.append(time.perf_counter() - t0)
     times.sort()
-    p90 = times[min(len(times) - 1, int(round(0.9 * (len(times) - 1))))]
+    p90 = times[min(len(times) - 1, round(0.9 * (len(times) - 1)))]
     row = _row("latency", 1, statistics.mean(times), info, None, counter.count - after_first)
-    row.update(median_ms=1e3 * statistics.median(times), p90_ms=1e3 * p90,
-               mean_ms=1e3 * statistics.mean(times), runs=runs)
+    row.update(
+        median_ms=1e3 * statistics.median(times),
+        p90_ms=1e3 * p90,
+        mean_ms=1e3 * statistics.mean(times),
+        runs=runs,
+    )
     return row
 
 
 def _row(kind, b, seconds, info, first_call_s, recompiles, **extra) -> dict:
-    row = {"kind": kind, "batch": b, "seconds_per_call": seconds, "images_per_s": b / seconds,
-           "first_call_s": first_call_s, "recompiles_after_first_call": recompiles, **info}
+    row = {
+        "kind": kind,
+        "batch": b,
+        "seconds_per_call": seconds,
+        "images_per_s": b / seconds,
+        "first_call_s": first_call_s,
+        "recompiles_after_first_call": recompiles,
+        **info,
+    }
     for key in ("xla_flops", "matmul_flops"):
         v = info.get(key)
         row[key.replace("flops", "gflop_per_image")] = None if v is None else v / b / 1e9
@@ -472,15 +529,20 @@ def _row(kind, b, seconds, info, first_call_s, recompiles, **extra) -> dict:
 
 
 def peer_script(args) -> Path:
-    candidates = [Path(args.peer_script)] if args.peer_script else [
-        ROOT / "shared" / "bench" / "torch_peer.py",
-        ROOT.parent / "shared" / "bench" / "torch_peer.py",
-    ]
+    candidates = (
+        [Path(args.peer_script)]
+        if args.peer_script
+        else [
+            ROOT / "shared" / "bench" / "torch_peer.py",
+            ROOT.parent / "shared" / "bench" / "torch_peer.py",
+        ]
+    )
     for c in candidates:
         if c.is_file():
             return c
     raise FileNotFoundError(
-        "torch_peer.py not found (looked in " + ", ".join(map(str, candidates))
+        "torch_peer.py not found (looked in "
+        + ", ".join(map(str, candidates))
         + "); pass --peer-script PATH"
     )
 
@@ -496,10 +558,14 @@ def ensure_peer_venv(venv: Path) -> Path:
     if not python.exists():
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     for pkgs in PEER_PACKAGES:
-        subprocess.run([str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check",
-                        *pkgs], check=True)
-    code = ("import json, importlib.metadata as m; print(json.dumps({p: m.version(p) for p in "
-            "('torch', 'torchvision', 'transformers')}))")
+        subprocess.run(
+            [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", *pkgs],
+            check=True,
+        )
+    code = (
+        "import json, importlib.metadata as m; print(json.dumps({p: m.version(p) for p in "
+        "('torch', 'torchvision', 'transformers')}))"
+    )
     out = subprocess.run([str(python), "-c", code], check=True, capture_output=True, text=True)
     marker.write_text(out.stdout)
     return python
@@ -509,24 +575,46 @@ def run_peer(args, backend: str, out_json: Path) -> dict:
     python = ensure_peer_venv(Path(args.peer_venv))
     script = peer_script(args)
     device = "cuda" if backend == "gpu" else "cpu"
-    cmd = [str(python), str(script), "--device", device, "--compile", str(args.peer_compile),
-           "--steps", str(args.peer_steps or args.steps), "--out", str(out_json),
-           "--batch", *map(str, args.batch)]
+    cmd = [
+        str(python),
+        str(script),
+        "--device",
+        device,
+        "--compile",
+        str(args.peer_compile),
+        "--steps",
+        str(args.peer_steps or args.steps),
+        "--out",
+        str(out_json),
+        "--batch",
+        *map(str, args.batch),
+    ]
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
     env.pop("XLA_FLAGS", None)
     print("[peer] " + " ".join(cmd), flush=True)
     t0 = time.perf_counter()
-    with subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True, cwd=str(script.parent)) as proc:
+    with subprocess.Popen(
+        cmd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=str(script.parent),
+    ) as proc:
         for line in proc.stdout:
             print("[peer] " + line.rstrip(), flush=True)
     if proc.returncode:
         raise RuntimeError(f"the peer ({script}) exited with {proc.returncode}")
     results = json.loads(out_json.read_text())
     marker = Path(args.peer_venv) / PEER_MARKER
-    return {"command": cmd, "seconds": time.perf_counter() - t0, "results": results,
-            "versions": json.loads(marker.read_text()), "omp_num_threads": env["OMP_NUM_THREADS"]}
+    return {
+        "command": cmd,
+        "seconds": time.perf_counter() - t0,
+        "results": results,
+        "versions": json.loads(marker.read_text()),
+        "omp_num_threads": env["OMP_NUM_THREADS"],
+    }
 
 
 def table(jax_rows: list[dict], peer: dict | None, config: str) -> tuple[list[dict], str]:
@@ -538,14 +626,27 @@ def table(jax_rows: list[dict], peer: dict | None, config: str) -> tuple[list[di
         if r["kind"] == "latency":
             # The peer reports the mean of its batch-1 calls: compare means.
             pt = pres.get("latency_b1_ms")
-            rows.append({"row": "latency b1 ms (mean)", "jax": r["mean_ms"], "pytorch": pt,
-                         "ratio": pt / r["mean_ms"] if pt else None, "throughput": False,
-                         "jax_median_ms": r["median_ms"], "jax_p90_ms": r["p90_ms"]})
+            rows.append(
+                {
+                    "row": "latency b1 ms (mean)",
+                    "jax": r["mean_ms"],
+                    "pytorch": pt,
+                    "ratio": pt / r["mean_ms"] if pt else None,
+                    "throughput": False,
+                    "jax_median_ms": r["median_ms"],
+                    "jax_p90_ms": r["p90_ms"],
+                }
+            )
             continue
         key = {"distill": "distill_img_s", "infer": "student_infer_img_s"}[r["kind"]]
         pt = pres.get(str(r["batch"]), {}).get(key)
-        row = {"row": f"{r['kind']} b{r['batch']} img/s", "jax": r["images_per_s"], "pytorch": pt,
-               "ratio": r["images_per_s"] / pt if pt else None, "throughput": True}
+        row = {
+            "row": f"{r['kind']} b{r['batch']} img/s",
+            "jax": r["images_per_s"],
+            "pytorch": pt,
+            "ratio": r["images_per_s"] / pt if pt else None,
+            "throughput": True,
+        }
         if r["kind"] == "distill" and config == "paper":
             row["jax_useful_tflops"] = r["images_per_s"] * PAPER_GFLOP_PER_IMAGE / 1e3
             if pt:
@@ -578,36 +679,46 @@ def _fmt(v, digits=2) -> str:
 def print_report(res: dict, rows: list[dict], last: str) -> None:
     h = res["host"]
     print()
-    print(f"rkd_jax {res['config']} ({res['image_size']}x{res['image_size']}, {res['max_tokens']} "
-          f"tokens) on {res['backend']} ({res['device']}, {h['cpus']} cpus); load "
-          f"{h['load_start'][0]:.2f} -> {h['load_end'][0]:.2f}; matmul ceiling "
-          f"{res['matmul_ceiling_tflops']:.3f} TFLOP/s; fold {res['fold_bn']}; "
-          f"XLA_FLAGS={res['xla_flags']!r}")
+    print(
+        f"rkd_jax {res['config']} ({res['image_size']}x{res['image_size']}, {res['max_tokens']} "
+        f"tokens) on {res['backend']} ({res['device']}, {h['cpus']} cpus); load "
+        f"{h['load_start'][0]:.2f} -> {h['load_end'][0]:.2f}; matmul ceiling "
+        f"{res['matmul_ceiling_tflops']:.3f} TFLOP/s; fold {res['fold_bn']}; "
+        f"XLA_FLAGS={res['xla_flags']!r}"
+    )
     print(f"{'row':24s} {'jax':>10s} {'pytorch':>10s} {'jax/pytorch':>12s}")
     for r in rows:
-        print(f"{r['row']:24s} {_fmt(r['jax']):>10s} {_fmt(r['pytorch']):>10s} "
-              f"{_fmt(r['ratio']):>12s}")
+        print(
+            f"{r['row']:24s} {_fmt(r['jax']):>10s} {_fmt(r['pytorch']):>10s} "
+            f"{_fmt(r['ratio']):>12s}"
+        )
     print("details (JAX):")
     for r in res["jax"]:
         extra = ""
         if r["kind"] == "latency":
             extra = f" median {r['median_ms']:.1f} ms p90 {r['p90_ms']:.1f} ms"
-        print(f"  {r['kind']:8s} b{r['batch']:<3d} compile {r['compile_s']:6.1f}s trace "
-              f"{r['trace_s']:5.1f}s | XLA {_fmt(r['xla_gflop_per_image'], 1)} GFLOP/img "
-              f"{_fmt(r['xla_tflops'], 3)} TFLOP/s | matmul/conv "
-              f"{_fmt(r['matmul_gflop_per_image'], 1)} GFLOP/img "
-              f"{_fmt(r['matmul_tflops'], 3)} TFLOP/s | recompiles "
-              f"{r['recompiles_after_first_call']}{extra}")
+        print(
+            f"  {r['kind']:8s} b{r['batch']:<3d} compile {r['compile_s']:6.1f}s trace "
+            f"{r['trace_s']:5.1f}s | XLA {_fmt(r['xla_gflop_per_image'], 1)} GFLOP/img "
+            f"{_fmt(r['xla_tflops'], 3)} TFLOP/s | matmul/conv "
+            f"{_fmt(r['matmul_gflop_per_image'], 1)} GFLOP/img "
+            f"{_fmt(r['matmul_tflops'], 3)} TFLOP/s | recompiles "
+            f"{r['recompiles_after_first_call']}{extra}"
+        )
     for r in rows:
         if "jax_useful_tflops" in r:
             ceil = res["matmul_ceiling_tflops"]
-            line = (f"  {r['row']}: useful ({PAPER_GFLOP_PER_IMAGE:.0f} GFLOP/img) "
-                    f"jax {r['jax_useful_tflops']:.3f} TFLOP/s ({r['jax_useful_tflops'] / ceil:.0%}"
-                    " of the matmul ceiling)")
+            line = (
+                f"  {r['row']}: useful ({PAPER_GFLOP_PER_IMAGE:.0f} GFLOP/img) "
+                f"jax {r['jax_useful_tflops']:.3f} TFLOP/s ({r['jax_useful_tflops'] / ceil:.0%}"
+                " of the matmul ceiling)"
+            )
             if "pytorch_useful_tflops" in r:
-                line += (f", pytorch {r['pytorch_useful_tflops']:.3f} TFLOP/s; pytorch counts "
-                         f"{r['pytorch_gflop_per_image']:.1f} GFLOP/img; equal-work ratio "
-                         f"{r['equal_work_ratio']:.2f}")
+                line += (
+                    f", pytorch {r['pytorch_useful_tflops']:.3f} TFLOP/s; pytorch counts "
+                    f"{r['pytorch_gflop_per_image']:.1f} GFLOP/img; equal-work ratio "
+                    f"{r['equal_work_ratio']:.2f}"
+                )
             print(line)
     print(last)
 
@@ -623,13 +734,19 @@ def main(argv=None) -> int:
     counter = CompileCounter()
     backend = jax.default_backend()
     ynn_off = platform.YNN_OFF_FLAG in os.environ.get("XLA_FLAGS", "")
-    print(f"jax {jax.__version__} on {backend} ({jax.devices()[0].device_kind}); "
-          f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; YNNPACK convolutions "
-          f"{'off' if ynn_off else 'on'}", flush=True)
+    print(
+        f"jax {jax.__version__} on {backend} ({jax.devices()[0].device_kind}); "
+        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; YNNPACK convolutions "
+        f"{'off' if ynn_off else 'on'}",
+        flush=True,
+    )
     ceiling = matmul_ceiling_tflops(512 if args.smoke else 2048)
     w = Workload(args)
-    print(f"{args.config}: models and variables in {w.init_s:.1f}s; parameters {w.params}; "
-          f"compute dtype {jax.numpy.dtype(w.dtype).name}; BatchNorm folded: {w.fold}", flush=True)
+    print(
+        f"{args.config}: models and variables in {w.init_s:.1f}s; parameters {w.params}; "
+        f"compute dtype {jax.numpy.dtype(w.dtype).name}; BatchNorm folded: {w.fold}",
+        flush=True,
+    )
     results = []
     for b in args.batch:
         if "distill" in args.only:
@@ -647,13 +764,17 @@ def main(argv=None) -> int:
         print(json.dumps(results[-1]), flush=True)
 
     stamp = datetime.datetime.now().astimezone()
-    out = Path(args.out) if args.out else (
-        ROOT / "benchmarks" / "results" / f"{backend}-{stamp.date().isoformat()}.json"
+    out = (
+        Path(args.out)
+        if args.out
+        else (ROOT / "benchmarks" / "results" / f"{backend}-{stamp.date().isoformat()}.json")
     )
     out.parent.mkdir(parents=True, exist_ok=True)
     res = {
         "written": stamp.isoformat(timespec="seconds"),
-        "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
+        "command": " ".join(
+            [Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]
+        ),
         "config": args.config,
         "image_size": w.size,
         "max_tokens": w.tokens,
@@ -667,11 +788,20 @@ def main(argv=None) -> int:
         "flags_added_by_this_run": added,
         "ynn_convolutions_off": ynn_off,
         "matmul_ceiling_tflops": ceiling,
-        "host": {"cpu": platform.cpu_model(), "cpus": os.cpu_count(), "load_start": load_start,
-                 "load_end": os.getloadavg(), "platform": host_platform.platform()},
-        "versions": {"python": sys.version.split()[0],
-                     **platform.package_versions("jax", "jaxlib", "flax", "optax", "numpy")},
-        "steps": args.steps, "warmup": args.warmup, "latency_runs": args.latency_runs,
+        "host": {
+            "cpu": platform.cpu_model(),
+            "cpus": os.cpu_count(),
+            "load_start": load_start,
+            "load_end": os.getloadavg(),
+            "platform": host_platform.platform(),
+        },
+        "versions": {
+            "python": sys.version.split()[0],
+            **platform.package_versions("jax", "jaxlib", "flax", "optax", "numpy"),
+        },
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "latency_runs": args.latency_runs,
         "compile_events": {"count": counter.count, "seconds": counter.seconds},
         "jax": results,
     }

@@ -18,7 +18,9 @@ VARIANTS = ("", "tiny", "lite0", "paper", "paper_b0")
 
 def model_config(**overrides) -> ml_collections.ConfigDict:
     m = ml_collections.ConfigDict()
-    m.backbone = "resnet18"  # resnet18|resnet34|resnet50|resnet101|efficientnet_b0|efficientnet_lite0
+    m.backbone = (
+        "resnet18"  # resnet18|resnet34|resnet50|resnet101|efficientnet_b0|efficientnet_lite0
+    )
     m.backbone_width = 64  # ResNet base width (torchvision: 64); narrower for CPU miniatures
     m.backbone_stage_sizes = ()  # ResNet blocks per stage; () = the named network's own
     m.backbone_weights = ""  # .pth/.safetensors (torchvision, timm, lukemelas); "offline" = Lite0's
@@ -50,7 +52,9 @@ def train_config(**overrides) -> ml_collections.ConfigDict:
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
     variant = (arg or "").strip()
     if variant not in VARIANTS:
-        raise ValueError(f"unknown config variant {variant!r}; valid: {', '.join(map(repr, VARIANTS))}")
+        raise ValueError(
+            f"unknown config variant {variant!r}; valid: {', '.join(map(repr, VARIANTS))}"
+        )
     c = ml_collections.ConfigDict()
     c.variant = variant  # which of VARIANTS built this config (informational)
     c.mode = "distill"  # what main trains: teacher | student | distill
@@ -77,8 +81,12 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         backbone="resnet18", backbone_width=32, fusion_dim=128, fpn_dim=64, text_num_layers=6
     )
     c.student = model_config(
-        backbone="resnet18", backbone_width=16, backbone_stage_sizes=(1, 1, 1, 1),
-        fusion_dim=64, fpn_dim=64, text_num_layers=2,
+        backbone="resnet18",
+        backbone_width=16,
+        backbone_stage_sizes=(1, 1, 1, 1),
+        fusion_dim=64,
+        fpn_dim=64,
+        text_num_layers=2,
     )
 
     c.teacher_train = train_config(epochs=3, lr=1e-3, lr_decay_epochs=(2,))  # teacher phase
@@ -116,12 +124,20 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         c.data.image_size = 64
         c.data.max_tokens = 12
         c.teacher = model_config(
-            backbone="resnet18", backbone_width=8, backbone_stage_sizes=(1, 1, 1, 1),
-            fusion_dim=16, fpn_dim=16, text_num_layers=1,
+            backbone="resnet18",
+            backbone_width=8,
+            backbone_stage_sizes=(1, 1, 1, 1),
+            fusion_dim=16,
+            fpn_dim=16,
+            text_num_layers=1,
         )
         c.student = model_config(
-            backbone="resnet18", backbone_width=8, backbone_stage_sizes=(1, 1, 1, 1),
-            fusion_dim=8, fpn_dim=16, text_num_layers=1,
+            backbone="resnet18",
+            backbone_width=8,
+            backbone_stage_sizes=(1, 1, 1, 1),
+            fusion_dim=8,
+            fpn_dim=16,
+            text_num_layers=1,
         )
         c.teacher_train = train_config(batch_size=8, epochs=1, lr_decay_epochs=())
         c.train = train_config(batch_size=8, epochs=1, lr_decay_epochs=())
@@ -131,8 +147,11 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         c.run.max_eval_examples = 32
     elif variant == "lite0":
         c.student = model_config(
-            backbone="efficientnet_lite0", backbone_weights="offline",
-            fusion_dim=64, fpn_dim=64, text_num_layers=2,
+            backbone="efficientnet_lite0",
+            backbone_weights="offline",
+            fusion_dim=64,
+            fpn_dim=64,
+            text_num_layers=2,
         )
     elif variant in ("paper", "paper_b0"):
         c.data.image_size = 384
@@ -140,7 +159,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         c.teacher = model_config(backbone="resnet101", text_num_layers=12, text_trainable=True)
         c.student = model_config(
             backbone="resnet18" if variant == "paper" else "efficientnet_b0",
-            text_num_layers=4, text_trainable=True,
+            text_num_layers=4,
+            text_trainable=True,
         )
         paper = dict(epochs=40, lr=2e-5, lr_decay_epochs=(20,), batch_size=16)
         c.teacher_train = train_config(**paper)

@@ -7,7 +7,9 @@ config.student, its schedule config.train.
 import importlib.util
 from pathlib import Path
 
-_spec = importlib.util.spec_from_file_location("rkd_distill_config", Path(__file__).with_name("distill.py"))
+_spec = importlib.util.spec_from_file_location(
+    "rkd_distill_config", Path(__file__).with_name("distill.py")
+)
 _distill = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_distill)
 

@@ -37,13 +37,16 @@ class Checkpointer:
 
     def __init__(self, directory: str | Path, keep: int = 2, read_only: bool = False):
         self.directory = Path(directory).absolute()
-        policy = pp.AnyPreservationPolicy([
-            pp.LatestN(n=keep),
-            pp.BestN(
-                get_metric_fn=lambda m: m[BEST_METRIC], n=1,
-                keep_checkpoints_without_metrics=False,
-            ),
-        ])
+        policy = pp.AnyPreservationPolicy(
+            [
+                pp.LatestN(n=keep),
+                pp.BestN(
+                    get_metric_fn=lambda m: m[BEST_METRIC],
+                    n=1,
+                    keep_checkpoints_without_metrics=False,
+                ),
+            ]
+        )
         options = ocp.CheckpointManagerOptions(
             preservation_policy=policy,
             enable_async_checkpointing=False,
@@ -70,8 +73,14 @@ class Checkpointer:
                 best, best_value = step, value
         return best if best is not None else self.latest_step()
 
-    def save(self, step: int, state: Any, data_state: dict | None, meta: dict,
-             metrics: dict | None = None) -> None:
+    def save(
+        self,
+        step: int,
+        state: Any,
+        data_state: dict | None,
+        meta: dict,
+        metrics: dict | None = None,
+    ) -> None:
         meta = dict(meta, metrics=metrics or {})
         self.manager.save(
             int(step),
@@ -102,8 +111,9 @@ class Checkpointer:
         try:
             return json.loads(path.read_text())
         except (OSError, ValueError):
-            out = self.manager.restore(int(step), args=ocp.args.Composite(
-                meta=ocp.args.JsonRestore()))
+            out = self.manager.restore(
+                int(step), args=ocp.args.Composite(meta=ocp.args.JsonRestore())
+            )
             return dict(out["meta"] or {})
 
     def close(self) -> None:
@@ -157,8 +167,10 @@ def restore(path: str | Path) -> tuple[ml_collections.ConfigDict, dict, dict]:
         # Without a target, arrays land on this process's first device, whatever the number
         # of devices they were saved from (a checkpoint of 8 GPUs loads on a laptop).
         fallback = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        out = ckpt.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(fallback_sharding=fallback)))
+        out = ckpt.manager.restore(
+            step,
+            args=ocp.args.Composite(state=ocp.args.StandardRestore(fallback_sharding=fallback)),
+        )
     finally:
         ckpt.close()
     state = out["state"]

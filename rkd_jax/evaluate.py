@@ -18,9 +18,10 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable, Iterable
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -102,7 +103,10 @@ class IoUAccumulator:
 
 
 def score_batch(
-    margins: np.ndarray, batch: dict, threshold: float, net: IoUAccumulator,
+    margins: np.ndarray,
+    batch: dict,
+    threshold: float,
+    net: IoUAccumulator,
     orig: IoUAccumulator | None,
 ) -> None:
     """Add a batch's valid rows at the network resolution and (if `orig`) the original one."""
@@ -143,8 +147,9 @@ def evaluate_batches(
     bar = tqdm(total=total, desc=desc, unit="sent", disable=not show, leave=False)
     for batch in batches:
         device_batch = put(batch)
-        out = predict_fn(variables, device_batch["image"], device_batch["tokens"],
-                         device_batch["token_mask"])
+        out = predict_fn(
+            variables, device_batch["image"], device_batch["tokens"], device_batch["token_mask"]
+        )
         # Score the previous batch while the device computes this one.
         if pending is not None:
             _score_pending(pending, threshold, net, orig, bar)

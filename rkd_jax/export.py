@@ -350,7 +350,7 @@ def _load_lax_plugins(plugin_system) -> None:
         # A plugin module that fails to import (an optional dependency) is one we cannot need.
         try:
             importlib.import_module(mod.name)
-        except Exception:  # noqa: BLE001, S112
+        except Exception:
             continue
     if hasattr(plugin_system, "_already_imported_plugins"):
         plugin_system._already_imported_plugins = True

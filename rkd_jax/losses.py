@@ -241,7 +241,11 @@ def _max_pool_ceil(x: Array, scale: float) -> Array:
     # pad-reshape-max form gave NaN gradients inside the full distill step at XLA's
     # optimisation level 0 (the test suite's), from finite inputs.
     return jax.lax.reduce_window(
-        x, -jnp.inf, jax.lax.max, (1, ph, pw, 1), (1, ph, pw, 1),
+        x,
+        -jnp.inf,
+        jax.lax.max,
+        (1, ph, pw, 1),
+        (1, ph, pw, 1),
         ((0, 0), (0, nh * ph - h), (0, nw * pw - w), (0, 0)),
     )
 

@@ -13,15 +13,18 @@ import sys
 
 from rkd_jax import platform
 
-_cpu_flags = platform.configure_cpu_flags() if os.environ.get("JAX_PLATFORMS", "") in (
-    "", "cpu") else []
+_cpu_flags = (
+    platform.configure_cpu_flags() if os.environ.get("JAX_PLATFORMS", "") in ("", "cpu") else []
+)
 
-from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+from absl import app, flags
+from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
-    "config", "configs/distill.py", "Config file (configs/distill.py[:variant]).",
+    "config",
+    "configs/distill.py",
+    "Config file (configs/distill.py[:variant]).",
     lock_config=True,
 )
 flags.DEFINE_string("workdir", "runs/distill", "Run directory (checkpoints, logs, results).")
@@ -37,12 +40,18 @@ def _main(argv) -> int:
 
     from rkd_jax import parallel, train
 
-    parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
-                                    FLAGS.process_id)
+    parallel.initialize_distributed(
+        FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id
+    )
     log = logging.getLogger("rkd_jax")
     log.info("versions: %s", train.versions())
-    log.info("devices: %s (process %d of %d), backend %s", jax.devices(), jax.process_index(),
-             jax.process_count(), jax.default_backend())
+    log.info(
+        "devices: %s (process %d of %d), backend %s",
+        jax.devices(),
+        jax.process_index(),
+        jax.process_count(),
+        jax.default_backend(),
+    )
     log.info("XLA CPU flags added: %s", _cpu_flags or "none")
     config = FLAGS.config
     if FLAGS.mode == "train":
@@ -56,8 +65,9 @@ def _main(argv) -> int:
         role = "teacher" if config.mode == "teacher" else "student"
         mesh = parallel.make_mesh()
         with train._set_mesh(mesh):
-            train.evaluate_run(config, Path(FLAGS.workdir).absolute(), role,
-                               config.data.eval_splits, mesh)
+            train.evaluate_run(
+                config, Path(FLAGS.workdir).absolute(), role, config.data.eval_splits, mesh
+            )
     return 0
 
 
@@ -75,8 +85,14 @@ def _user_errors():
     from rkd_jax.checkpoint import CheckpointError
     from rkd_jax.convert.common import ConversionError
 
-    return (ValueError, FileNotFoundError, CheckpointError, ConversionError, KeyError,
-            FloatingPointError)
+    return (
+        ValueError,
+        FileNotFoundError,
+        CheckpointError,
+        ConversionError,
+        KeyError,
+        FloatingPointError,
+    )
 
 
 USER_ERRORS = _user_errors()

@@ -32,7 +32,7 @@ def _flag_accepted(flag: str) -> bool:
     code = "import jax, jax.numpy as jnp; jnp.zeros(2).block_until_ready()"
     try:
         out = subprocess.run(
-            [sys.executable, "-c", code], env=env, capture_output=True, timeout=120
+            [sys.executable, "-c", code], env=env, capture_output=True, timeout=120, check=False
         )
     except (OSError, subprocess.TimeoutExpired):
         return False

@@ -96,7 +96,7 @@ def read_image(path: str | os.PathLike, size: int | None = None) -> tuple[np.nda
             if size is not None:
                 rgb = rgb.resize((size, size), Image.BILINEAR)
             array = np.asarray(rgb, np.uint8)
-    except Exception as e:  # noqa: BLE001 (PIL raises OSError, SyntaxError, ValueError, ...)
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ...
         raise InputError(
             f"{path}: cannot read the image ({type(e).__name__}: {e})".replace("\n", " ")
         ) from None

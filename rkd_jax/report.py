@@ -131,8 +131,9 @@ def main(argv=None) -> int:
         for role in ("teacher", "student"):
             model = _model(config[role], config.variant.startswith("paper"))
             a = build.abstract_variables(model, *sizes[0])
-            parts = ", ".join(f"{k} {build.count_params(v) / 1e6:.2f} M"
-                              for k, v in a["params"].items())
+            parts = ", ".join(
+                f"{k} {build.count_params(v) / 1e6:.2f} M" for k, v in a["params"].items()
+            )
             print(f"{role}: {build.count_params(a['params']) / 1e6:.2f} M parameters ({parts})")
         return 0
     rows = report(config, sizes, args.latency)

@@ -51,18 +51,36 @@ METRICS = (("mIoU", "network"), ("mIoU", "original"), ("oIoU", "network"), ("oIo
 
 # shared/PAPER.md, Table I (mIoU, %). The student's RefCOCO testA (54.02) is probably a typo.
 PAPER_TABLE1: dict[str, dict[tuple[str, str], float]] = {
-    "teacher": {("refcoco", "val"): 69.38, ("refcoco", "testA"): 71.86,
-                ("refcoco", "testB"): 65.02, ("refcoco+", "val"): 56.59,
-                ("refcoco+", "testA"): 62.32, ("refcoco+", "testB"): 48.78},
-    "student": {("refcoco", "val"): 61.49, ("refcoco", "testA"): 54.02,
-                ("refcoco", "testB"): 58.26, ("refcoco+", "val"): 48.23,
-                ("refcoco+", "testA"): 53.23, ("refcoco+", "testB"): 40.79},
-    "distill": {("refcoco", "val"): 63.36, ("refcoco", "testA"): 65.91,
-                ("refcoco", "testB"): 61.14, ("refcoco+", "val"): 51.82,
-                ("refcoco+", "testA"): 54.76, ("refcoco+", "testB"): 44.41},
+    "teacher": {
+        ("refcoco", "val"): 69.38,
+        ("refcoco", "testA"): 71.86,
+        ("refcoco", "testB"): 65.02,
+        ("refcoco+", "val"): 56.59,
+        ("refcoco+", "testA"): 62.32,
+        ("refcoco+", "testB"): 48.78,
+    },
+    "student": {
+        ("refcoco", "val"): 61.49,
+        ("refcoco", "testA"): 54.02,
+        ("refcoco", "testB"): 58.26,
+        ("refcoco+", "val"): 48.23,
+        ("refcoco+", "testA"): 53.23,
+        ("refcoco+", "testB"): 40.79,
+    },
+    "distill": {
+        ("refcoco", "val"): 63.36,
+        ("refcoco", "testA"): 65.91,
+        ("refcoco", "testB"): 61.14,
+        ("refcoco+", "val"): 51.82,
+        ("refcoco+", "testA"): 54.76,
+        ("refcoco+", "testB"): 44.41,
+    },
 }
-PAPER_LABELS = {"teacher": "teacher ResNet-101 + BERT-12", "student": "student ResNet-18 + BERT-4",
-                "distill": "student ResNet-18 + BERT-4 w/ distill"}
+PAPER_LABELS = {
+    "teacher": "teacher ResNet-101 + BERT-12",
+    "student": "student ResNet-18 + BERT-4",
+    "distill": "student ResNet-18 + BERT-4 w/ distill",
+}
 
 _SEED_DIR = re.compile(r"^seed(\d+)$")
 # The seed key of a run shared by every seed (launch.sh's teacher: <root>/<dataset>/<run>).
@@ -139,7 +157,7 @@ def collect(root: Path) -> Collected:
                 out.configs[(run, ds_dir.name, seed)] = _read_json(run_dir / "config.json")
             prefix = f"{ds_dir.name}_"
             for f in sorted((run_dir / "results").glob(f"{prefix}*.json")):
-                split = f.stem[len(prefix):]
+                split = f.stem[len(prefix) :]
                 payload = _read_json(f)
                 metrics = payload.get("metrics")
                 for name, resolution in METRICS:
@@ -157,15 +175,24 @@ def collect(root: Path) -> Collected:
     return out
 
 
-def stat(c: Collected, run: str, column: tuple[str, str], metric: str, resolution: str,
-         seeds: Sequence[int]) -> Stat:
+def stat(
+    c: Collected,
+    run: str,
+    column: tuple[str, str],
+    metric: str,
+    resolution: str,
+    seeds: Sequence[int],
+) -> Stat:
     """Stat of one cell in percent, over `seeds` (the seeds that should be there); a shared
     run (one run for every seed) is one value of one expected."""
     ds, split = column
     if run in c.shared_runs:
         seeds = [SHARED]
-    values = {k: 100.0 * float(c.metrics[(run, ds, split, k)][resolution][metric])
-              for k in seeds if (run, ds, split, k) in c.metrics}
+    values = {
+        k: 100.0 * float(c.metrics[(run, ds, split, k)][resolution][metric])
+        for k in seeds
+        if (run, ds, split, k) in c.metrics
+    }
     return Stat.of(values, len(seeds))
 
 
@@ -224,8 +251,10 @@ def _model_text(m: dict) -> str:
     if weights:
         text += f" ({Path(weights).name} weights)"
     frozen = "fine-tuned" if m.get("text_trainable") else "frozen"
-    text += (f"; BERT {m.get('text_num_layers', '?')} layers ({frozen}); "
-             f"C'={m.get('fusion_dim', '?')}, FPN {m.get('fpn_dim', '?')}")
+    text += (
+        f"; BERT {m.get('text_num_layers', '?')} layers ({frozen}); "
+        f"C'={m.get('fusion_dim', '?')}, FPN {m.get('fpn_dim', '?')}"
+    )
     return text
 
 
@@ -235,8 +264,10 @@ def _loss_text(cfg: dict) -> str:
     d = cfg.get("distill", {})
     method = d.get("method", "?")
     if method == "rkd":
-        return (f"L_seg + {d.get('lambda_vl', '?'):g} L_VL + {d.get('lambda_channel', '?'):g} L_C "
-                f"(channel_norm {d.get('channel_norm', '?')})")
+        return (
+            f"L_seg + {d.get('lambda_vl', '?'):g} L_VL + {d.get('lambda_channel', '?'):g} L_C "
+            f"(channel_norm {d.get('channel_norm', '?')})"
+        )
     if method == "logit_kd":
         return f"logit KD: T={d.get('kd_temperature', '?')}, weight {d.get('kd_weight', '?')}"
     if method == "skd":
@@ -263,8 +294,14 @@ def hyperparameters(cfg: dict) -> list[str]:
     max_steps = cfg.get("run", {}).get("max_steps", -1)
     if max_steps is not None and max_steps >= 0:
         epochs += f" (capped at {max_steps} steps)"
-    return [mode, _model_text(model), epochs, lr, f"{sched.get('batch_size', '?')}",
-            _loss_text(cfg)]
+    return [
+        mode,
+        _model_text(model),
+        epochs,
+        lr,
+        f"{sched.get('batch_size', '?')}",
+        _loss_text(cfg),
+    ]
 
 
 # Keys that legitimately differ between the runs of one row.
@@ -302,14 +339,31 @@ def stage_times(root: Path) -> list[list[str]]:
             except ValueError:
                 continue
             t[0 if status == "ok" else 1] += 1
-    order = ["data", "teacher", "student", "distill", "ablations", "baselines", "lite0", "eval",
-             "report"]
+    order = [
+        "data",
+        "teacher",
+        "student",
+        "distill",
+        "ablations",
+        "baselines",
+        "lite0",
+        "eval",
+        "report",
+    ]
     stages = sorted(totals, key=lambda s: order.index(s) if s in order else len(order))
-    rows = [[s, str(int(totals[s][0])), str(int(totals[s][1])), f"{totals[s][2] / 60:.1f}"]
-            for s in stages]
+    rows = [
+        [s, str(int(totals[s][0])), str(int(totals[s][1])), f"{totals[s][2] / 60:.1f}"]
+        for s in stages
+    ]
     total = sum(t[2] for t in totals.values())
-    return rows + [["total", str(int(sum(t[0] for t in totals.values()))),
-                    str(int(sum(t[1] for t in totals.values()))), f"{total / 60:.1f}"]]
+    return rows + [
+        [
+            "total",
+            str(int(sum(t[0] for t in totals.values()))),
+            str(int(sum(t[1] for t in totals.values()))),
+            f"{total / 60:.1f}",
+        ]
+    ]
 
 
 def model_report_rows(out: Path) -> list[list[str]]:
@@ -320,31 +374,46 @@ def model_report_rows(out: Path) -> list[list[str]]:
         if not isinstance(data, list):
             raise TableError(f"{f}: expected the list of rows python -m rkd_jax.report writes")
         for r in data:
-            key = (r.get("role"), r.get("backbone"), r.get("text_layers"), r.get("input"),
-                   r.get("params_M"))
+            key = (
+                r.get("role"),
+                r.get("backbone"),
+                r.get("text_layers"),
+                r.get("input"),
+                r.get("params_M"),
+            )
             if key in seen:
                 continue
             seen.add(key)
             latency = r.get("latency_ms_median")
-            rows.append([
-                f"{r.get('role')} {r.get('backbone')} + BERT-{r.get('text_layers')}",
-                str(r.get("input")), f"{r.get('params_M', math.nan):.2f}",
-                f"{r.get('gflops', math.nan):.2f}",
-                "—" if latency is None else f"{latency:.1f}", f.stem.removeprefix("model_report_"),
-            ])
+            rows.append(
+                [
+                    f"{r.get('role')} {r.get('backbone')} + BERT-{r.get('text_layers')}",
+                    str(r.get("input")),
+                    f"{r.get('params_M', math.nan):.2f}",
+                    f"{r.get('gflops', math.nan):.2f}",
+                    "—" if latency is None else f"{latency:.1f}",
+                    f.stem.removeprefix("model_report_"),
+                ]
+            )
     return rows
 
 
-def plot(path: Path, c: Collected, rows: Sequence[tuple[str, str]],
-         columns: Sequence[tuple[str, str]], seeds: Sequence[int]) -> None:
+def plot(
+    path: Path,
+    c: Collected,
+    rows: Sequence[tuple[str, str]],
+    columns: Sequence[tuple[str, str]],
+    seeds: Sequence[int],
+) -> None:
     """Grouped bars: mIoU (network resolution) per split, one bar per row, std error bars."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    stats = {run: [stat(c, run, col, "mIoU", "network", seeds) for col in columns]
-             for run, _ in rows}
+    stats = {
+        run: [stat(c, run, col, "mIoU", "network", seeds) for col in columns] for run, _ in rows
+    }
     present = [(run, label) for run, label in rows if any(s.n for s in stats[run])]
     fig, ax = plt.subplots(figsize=(max(6.0, 0.28 * max(1, len(present)) * len(columns) + 2), 4.5))
     x = np.arange(len(columns))
@@ -353,8 +422,16 @@ def plot(path: Path, c: Collected, rows: Sequence[tuple[str, str]],
     for i, (run, label) in enumerate(present):
         means = [s.mean if s.n else np.nan for s in stats[run]]
         errs = [s.std if s.std is not None else 0.0 for s in stats[run]]
-        ax.bar(x + (i - (len(present) - 1) / 2) * width, means, width, yerr=errs, capsize=2,
-               label=label, color=cmap(i % 20), error_kw={"elinewidth": 0.8})
+        ax.bar(
+            x + (i - (len(present) - 1) / 2) * width,
+            means,
+            width,
+            yerr=errs,
+            capsize=2,
+            label=label,
+            color=cmap(i % 20),
+            error_kw={"elinewidth": 0.8},
+        )
     ax.set_xticks(x, [f"{d}\n{s}" for d, s in columns])
     ax.set_ylabel("mIoU (%), network resolution")
     ax.set_title(f"Table I in miniature: mean ± std over seeds (of {len(seeds)})")
@@ -372,8 +449,13 @@ def _launch_info(root: Path) -> dict:
     return _read_json(f) if f.is_file() else {}
 
 
-def build(root: Path, out: Path, seeds: int | None = None,
-          datasets: Sequence[str] | None = None, splits: Sequence[str] | None = None) -> dict:
+def build(
+    root: Path,
+    out: Path,
+    seeds: int | None = None,
+    datasets: Sequence[str] | None = None,
+    splits: Sequence[str] | None = None,
+) -> dict:
     """Write <out>/table1.md, table1.json and table1_miou.png; returns the JSON written."""
     root, out = Path(root), Path(out)
     c = collect(root)
@@ -394,8 +476,11 @@ def build(root: Path, out: Path, seeds: int | None = None,
     out.mkdir(parents=True, exist_ok=True)
 
     def table(metric: str, resolution: str) -> list[str]:
-        body = [[label] + [format_cell(stat(c, run, col, metric, resolution, seed_list))
-                           for col in columns] for run, label in rows]
+        body = [
+            [label]
+            + [format_cell(stat(c, run, col, metric, resolution, seed_list)) for col in columns]
+            for run, label in rows
+        ]
         return _md_table(["model"] + [_column_name(col) for col in columns], body)
 
     setting = launch.get("setting", "?")
@@ -403,13 +488,24 @@ def build(root: Path, out: Path, seeds: int | None = None,
     lines = [
         "# Table I" + ("" if setting == "paper" else " in miniature"),
         "",
-        (f"Generated by `python -m rkd_jax.table --root {root}` on {stamp}"
-        f" from {c.num_files} results files (setting: {setting}). Cells: mean ± sample standard"
-        f" deviation over seeds, in percent; n = seeds with a results file, out of"
-        f" {len(seed_list)} (seeds {', '.join(map(str, seed_list)) or 'none'})."),
+        (
+            f"Generated by `python -m rkd_jax.table --root {root}` on {stamp}"
+            f" from {c.num_files} results files (setting: {setting}). Cells: mean ± sample standard"
+            f" deviation over seeds, in percent; n = seeds with a results file, out of"
+            f" {len(seed_list)} (seeds {', '.join(map(str, seed_list)) or 'none'})."
+        ),
         "",
-        *([("One run per dataset, shared by every seed (n=1, no std; paired with each seed in the "
-            f"differences): {', '.join(sorted(c.shared_runs))}."), ""] if c.shared_runs else []),
+        *(
+            [
+                (
+                    "One run per dataset, shared by every seed (n=1, no std; paired with each seed in the "
+                    f"differences): {', '.join(sorted(c.shared_runs))}."
+                ),
+                "",
+            ]
+            if c.shared_runs
+            else []
+        ),
         "## mIoU (%), network resolution",
         "",
         *table("mIoU", "network"),
@@ -418,35 +514,73 @@ def build(root: Path, out: Path, seeds: int | None = None,
         "",
     ]
     paper_cols = [(d, s) for d in DATASETS for s in SPLITS]
-    lines += _md_table(["model"] + [_column_name(col) for col in paper_cols],
-                       [[PAPER_LABELS[r]] + [f"{PAPER_TABLE1[r][col]:.2f}" for col in paper_cols]
-                        for r in ("teacher", "student", "distill")])
-    lines += ["", ("The student's RefCOCO testA (54.02) is probably a typo in the paper (testA is "
-              "above val in every other row)."), ""]
+    lines += _md_table(
+        ["model"] + [_column_name(col) for col in paper_cols],
+        [
+            [PAPER_LABELS[r]] + [f"{PAPER_TABLE1[r][col]:.2f}" for col in paper_cols]
+            for r in ("teacher", "student", "distill")
+        ],
+    )
+    lines += [
+        "",
+        (
+            "The student's RefCOCO testA (54.02) is probably a typo in the paper (testA is "
+            "above val in every other row)."
+        ),
+        "",
+    ]
 
     # Gains over the student baseline, paired by seed, beside the paper's.
     def gain(run: str, ref: str) -> list[str]:
-        return [format_cell(paired_difference(stat(c, run, col, "mIoU", "network", seed_list),
-                                              stat(c, ref, col, "mIoU", "network", seed_list)),
-                            signed=True) for col in columns]
+        return [
+            format_cell(
+                paired_difference(
+                    stat(c, run, col, "mIoU", "network", seed_list),
+                    stat(c, ref, col, "mIoU", "network", seed_list),
+                ),
+                signed=True,
+            )
+            for col in columns
+        ]
 
     run_names = [r for r, _ in rows]
     gain_rows = [["teacher − student (the margin)"] + gain("teacher", "student")]
-    gain_rows += [[label] + gain(run, "student") for run, label in rows
-                  if run in ("distill", "vl_only", "channel_only", "logit_kd", "skd", "cwd",
-                             "ickd")]
+    gain_rows += [
+        [label] + gain(run, "student")
+        for run, label in rows
+        if run in ("distill", "vl_only", "channel_only", "logit_kd", "skd", "cwd", "ickd")
+    ]
     labels = dict(rows)
-    gain_rows += [[f"{labels[f'{b}_distill']} − {labels[b]}"] + gain(f"{b}_distill", b)
-                  for b in ("lite0", "b0") if f"{b}_distill" in run_names and b in run_names]
-    paper_gain = [f"{PAPER_TABLE1['distill'][col] - PAPER_TABLE1['student'][col]:+.2f}"
-                  if col in PAPER_TABLE1["student"] else "—" for col in columns]
-    paper_margin = [f"{PAPER_TABLE1['teacher'][col] - PAPER_TABLE1['student'][col]:+.2f}"
-                    if col in PAPER_TABLE1["student"] else "—" for col in columns]
-    gain_rows += [["paper: teacher − student"] + paper_margin,
-                  ["paper: distilled − student"] + paper_gain]
-    lines += ["## Gain over the student baseline (mIoU points, network resolution)", "",
-              ("Student rows: the row minus the student without distillation, paired by seed "
-              "(seed k against seed k); Lite0/B0 + distill against the same backbone without."), ""]
+    gain_rows += [
+        [f"{labels[f'{b}_distill']} − {labels[b]}"] + gain(f"{b}_distill", b)
+        for b in ("lite0", "b0")
+        if f"{b}_distill" in run_names and b in run_names
+    ]
+    paper_gain = [
+        f"{PAPER_TABLE1['distill'][col] - PAPER_TABLE1['student'][col]:+.2f}"
+        if col in PAPER_TABLE1["student"]
+        else "—"
+        for col in columns
+    ]
+    paper_margin = [
+        f"{PAPER_TABLE1['teacher'][col] - PAPER_TABLE1['student'][col]:+.2f}"
+        if col in PAPER_TABLE1["student"]
+        else "—"
+        for col in columns
+    ]
+    gain_rows += [
+        ["paper: teacher − student"] + paper_margin,
+        ["paper: distilled − student"] + paper_gain,
+    ]
+    lines += [
+        "## Gain over the student baseline (mIoU points, network resolution)",
+        "",
+        (
+            "Student rows: the row minus the student without distillation, paired by seed "
+            "(seed k against seed k); Lite0/B0 + distill against the same backbone without."
+        ),
+        "",
+    ]
     lines += _md_table(["difference"] + [_column_name(col) for col in columns], gain_rows)
 
     margin = {}
@@ -461,14 +595,24 @@ def build(root: Path, out: Path, seeds: int | None = None,
         if (ds, "val") in PAPER_TABLE1["teacher"]:
             diff = PAPER_TABLE1["teacher"][(ds, "val")] - PAPER_TABLE1["student"][(ds, "val")]
             paper = f"; the paper: {diff:+.2f}"
-        lines += ["", (f"Teacher's margin over the student baseline on {ds} val (mIoU, network): "
-                  f"{format_cell(d, signed=True)} (teacher {format_cell(t)}, student "
-                  f"{format_cell(s)}){paper}.")]
+        lines += [
+            "",
+            (
+                f"Teacher's margin over the student baseline on {ds} val (mIoU, network): "
+                f"{format_cell(d, signed=True)} (teacher {format_cell(t)}, student "
+                f"{format_cell(s)}){paper}."
+            ),
+        ]
 
     for metric, resolution in METRICS[1:]:
         lines += ["", f"## {metric} (%), {resolution} resolution", "", *table(metric, resolution)]
-    lines += ["", ("oIoU (overall IoU, also called cIoU) = sum of intersections / sum of unions "
-              "over the split; mIoU = mean of per-sentence IoU (the paper's metric).")]
+    lines += [
+        "",
+        (
+            "oIoU (overall IoU, also called cIoU) = sum of intersections / sum of unions "
+            "over the split; mIoU = mean of per-sentence IoU (the paper's metric)."
+        ),
+    ]
 
     lines += ["", "## Hyper-parameters (from each run's config.json)", ""]
     hp_rows, notes = [], []
@@ -484,37 +628,59 @@ def build(root: Path, out: Path, seeds: int | None = None,
         lines += _md_table(["model", "mode", "network", "epochs", "lr", "batch", "loss"], hp_rows)
         first = next(iter(sorted(c.configs.items())))[1]
         data = first.get("data", {})
-        source = data.get("root") or (f"embedded synthetic data ({data.get('synthetic_num_images')}"
-                                      f" images, generator seed {data.get('synthetic_seed')})")
-        lines += ["", (f"Data: {source}; input {data.get('image_size')}x{data.get('image_size')}, "
-                  f"at most {data.get('max_tokens')} tokens.")]
+        source = data.get("root") or (
+            f"embedded synthetic data ({data.get('synthetic_num_images')}"
+            f" images, generator seed {data.get('synthetic_seed')})"
+        )
+        lines += [
+            "",
+            (
+                f"Data: {source}; input {data.get('image_size')}x{data.get('image_size')}, "
+                f"at most {data.get('max_tokens')} tokens."
+            ),
+        ]
         lines += [""] + (notes or ["Every row's runs share one configuration apart from the seed."])
     else:
         lines += ["No config.json found."]
 
     rep = model_report_rows(out)
     if rep:
-        lines += ["", "## Model report (python -m rkd_jax.report)", "",
-                  ("GFLOPs per image: XLA cost analysis of the jitted inference forward at batch 1 "
-                  "(multiply-add = 2 FLOPs); latency: median batch-1 call on the machine of the "
-                  "report stage."), ""]
-        lines += _md_table(["model", "input", "params (M)", "GFLOPs", "latency (ms)", "report"],
-                           rep)
+        lines += [
+            "",
+            "## Model report (python -m rkd_jax.report)",
+            "",
+            (
+                "GFLOPs per image: XLA cost analysis of the jitted inference forward at batch 1 "
+                "(multiply-add = 2 FLOPs); latency: median batch-1 call on the machine of the "
+                "report stage."
+            ),
+            "",
+        ]
+        lines += _md_table(
+            ["model", "input", "params (M)", "GFLOPs", "latency (ms)", "report"], rep
+        )
 
     if c.example is not None:
         p = c.example.get("protocol", {})
-        lines += ["", "## Protocol (from the results files)", "",
-                  (f"- sentences: {p.get('sentences')}; threshold {p.get('threshold')} "
-                  f"foreground probability; {p.get('empty_union')}"),
-                  (f"- input {p.get('image_size')}x{p.get('image_size')} "
-                  f"({p.get('resize')}), at most {p.get('max_tokens')} tokens"),
-                  f"- max_eval_examples {p.get('max_eval_examples')} (-1 = every sentence)"]
+        lines += [
+            "",
+            "## Protocol (from the results files)",
+            "",
+            (
+                f"- sentences: {p.get('sentences')}; threshold {p.get('threshold')} "
+                f"foreground probability; {p.get('empty_union')}"
+            ),
+            (
+                f"- input {p.get('image_size')}x{p.get('image_size')} "
+                f"({p.get('resize')}), at most {p.get('max_tokens')} tokens"
+            ),
+            f"- max_eval_examples {p.get('max_eval_examples')} (-1 = every sentence)",
+        ]
         for res, text in (p.get("resolutions") or {}).items():
             lines.append(f"- {res} resolution: {text}")
         counts = []
         for col in columns:
-            n = {c.metrics[k]["network"].get("num_sentences") for k in c.metrics
-                 if k[1:3] == col}
+            n = {c.metrics[k]["network"].get("num_sentences") for k in c.metrics if k[1:3] == col}
             if n:
                 counts.append(f"{_column_name(col)} {', '.join(map(str, sorted(n)))}")
         lines.append(f"- sentences scored per split: {'; '.join(counts)}")
@@ -528,11 +694,20 @@ def build(root: Path, out: Path, seeds: int | None = None,
     plot(out / "table1_miou.png", c, rows, columns, seed_list)
 
     payload = {
-        "root": str(root), "seeds": seed_list, "columns": [list(col) for col in columns],
+        "root": str(root),
+        "seeds": seed_list,
+        "columns": [list(col) for col in columns],
         "rows": {
-            run: {"label": label, **{f"{m}_{r}": {
-                _column_name(col): dataclasses.asdict(stat(c, run, col, m, r, seed_list))
-                for col in columns} for m, r in METRICS}}
+            run: {
+                "label": label,
+                **{
+                    f"{m}_{r}": {
+                        _column_name(col): dataclasses.asdict(stat(c, run, col, m, r, seed_list))
+                        for col in columns
+                    }
+                    for m, r in METRICS
+                },
+            }
             for run, label in rows
         },
         "teacher_margin_val": margin,
@@ -543,13 +718,18 @@ def build(root: Path, out: Path, seeds: int | None = None,
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--root", default="runs/table1", help="launch.sh run root")
     p.add_argument("--out", default="results", help="output directory")
-    p.add_argument("--seeds", type=int, default=None,
-                   help="seeds 0..N-1 expected per cell (default: <root>/launch.json, plus any "
-                   "seed directory found)")
+    p.add_argument(
+        "--seeds",
+        type=int,
+        default=None,
+        help="seeds 0..N-1 expected per cell (default: <root>/launch.json, plus any "
+        "seed directory found)",
+    )
     p.add_argument("--datasets", nargs="+", default=None, help="columns: datasets")
     p.add_argument("--splits", nargs="+", default=None, help="columns: splits")
     args = p.parse_args(argv)
@@ -559,8 +739,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     out = Path(args.out)
-    print(f"wrote {out / 'table1.md'}, {out / 'table1.json'}, {out / 'table1_miou.png'} "
-          f"({len(payload['rows'])} rows, seeds {payload['seeds']})")
+    print(
+        f"wrote {out / 'table1.md'}, {out / 'table1.json'}, {out / 'table1_miou.png'} "
+        f"({len(payload['rows'])} rows, seeds {payload['seeds']})"
+    )
     return 0
 
 

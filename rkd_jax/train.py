@@ -12,8 +12,9 @@ import functools
 import json
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import flax
 import jax
@@ -25,8 +26,7 @@ import optax
 from rkd_jax import checkpoint as ckpt_lib
 from rkd_jax import evaluate as eval_lib
 from rkd_jax import losses as loss_lib
-from rkd_jax import parallel
-from rkd_jax import platform
+from rkd_jax import parallel, platform
 from rkd_jax.models import build
 from rkd_jax.models.adapter import ChannelAdapter
 from rkd_jax.optim import make_optimizer
@@ -66,8 +66,7 @@ def uses_adapter(config, mode: str) -> bool:
     """Whether the step trains ICKD's student-side adapter (distill mode, method 'ickd',
     `config.distill.ickd_adapter` true)."""
     d = config.distill
-    return (mode == "distill" and d.method == "ickd"
-            and bool(d.get("ickd_adapter", True)))
+    return mode == "distill" and d.method == "ickd" and bool(d.get("ickd_adapter", True))
 
 
 def make_adapter(config) -> ChannelAdapter:
@@ -82,12 +81,16 @@ def init_aux(config, mode: str, tx: optax.GradientTransformation, rng: jax.Array
         return None
     dummy = jnp.zeros((1, 4, int(config.student.fpn_dim)), jnp.float32)
     variables = make_adapter(config).init(rng, dummy, train=False)
-    return {"params": variables["params"], "batch_stats": variables["batch_stats"],
-            "opt_state": tx.init(variables["params"])}
+    return {
+        "params": variables["params"],
+        "batch_stats": variables["batch_stats"],
+        "opt_state": tx.init(variables["params"]),
+    }
 
 
-def make_train_step(config, mode: str, tx: optax.GradientTransformation,
-                    student, teacher=None) -> Callable:
+def make_train_step(
+    config, mode: str, tx: optax.GradientTransformation, student, teacher=None
+) -> Callable:
     """Jitted `step(state, batch, teacher_vars, tables) -> (state, metrics)`.
 
     mode: teacher | student (supervised L_seg) or distill (Eq. 9 against `teacher`).
@@ -118,16 +121,21 @@ def make_train_step(config, mode: str, tx: optax.GradientTransformation,
 
         def loss_fn(params, aux_params):
             out, updates = student.apply(
-                {"params": params, "batch_stats": state.batch_stats}, *args, train=True,
+                {"params": params, "batch_stats": state.batch_stats},
+                *args,
+                train=True,
                 text_features=text_of(tables, "student", batch),
-                mutable=["batch_stats"], rngs={"dropout": rng},
+                mutable=["batch_stats"],
+                rngs={"dropout": rng},
             )
             aux_stats = None
             if adapter is not None:
                 # ICKD compares the teacher's features with the adapted student features.
                 embedded, aux_updates = adapter.apply(
                     {"params": aux_params, "batch_stats": state.aux["batch_stats"]},
-                    out["decoder"], train=True, mutable=["batch_stats"],
+                    out["decoder"],
+                    train=True,
+                    mutable=["batch_stats"],
                 )
                 out = dict(out, decoder=embedded)
                 aux_stats = aux_updates["batch_stats"]
@@ -142,13 +150,19 @@ def make_train_step(config, mode: str, tx: optax.GradientTransformation,
             grads, (terms, batch_stats, _) = jax.grad(loss_fn, has_aux=True)(state.params, None)
         else:
             if aux is None:
-                raise ValueError("config.distill.method='ickd' with ickd_adapter=True needs "
-                                 "TrainState.aux from train.init_aux (the adapter's variables)")
+                raise ValueError(
+                    "config.distill.method='ickd' with ickd_adapter=True needs "
+                    "TrainState.aux from train.init_aux (the adapter's variables)"
+                )
             (grads, aux_grads), (terms, batch_stats, aux_stats) = jax.grad(
-                loss_fn, argnums=(0, 1), has_aux=True)(state.params, aux["params"])
+                loss_fn, argnums=(0, 1), has_aux=True
+            )(state.params, aux["params"])
             aux_upd, aux_opt = tx.update(aux_grads, aux["opt_state"], aux["params"])
-            aux = {"params": optax.apply_updates(aux["params"], aux_upd),
-                   "batch_stats": aux_stats, "opt_state": aux_opt}
+            aux = {
+                "params": optax.apply_updates(aux["params"], aux_upd),
+                "batch_stats": aux_stats,
+                "opt_state": aux_opt,
+            }
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = dict(terms, grad_norm=optax.tree.norm(grads))
@@ -225,13 +239,14 @@ def make_tokenizer(config, roles: tuple[str, ...]):
     return fns[0][0]
 
 
-def text_table(model, variables, tokens: np.ndarray, mask: np.ndarray, mesh,
-               chunk: int = 256) -> jax.Array:
+def text_table(
+    model, variables, tokens: np.ndarray, mask: np.ndarray, mesh, chunk: int = 256
+) -> jax.Array:
     """Frozen text features of every unique sentence, [N, L, D], replicated."""
     encode = jax.jit(lambda v, t, m: model.apply(v, t, m, method=model.encode_text))
     out = []
     for i in range(0, len(tokens), chunk):
-        t, m = tokens[i:i + chunk], mask[i:i + chunk]
+        t, m = tokens[i : i + chunk], mask[i : i + chunk]
         pad = chunk - len(t)
         if pad:
             t = np.concatenate([t, np.zeros((pad, t.shape[1]), t.dtype)])
@@ -260,7 +275,7 @@ def versions() -> dict:
 
 def load_teacher(config, path: str, mesh) -> dict:
     """Teacher variables from a checkpoint, checked against config.teacher's architecture."""
-    saved_cfg, variables, meta = ckpt_lib.restore(path)
+    _, variables, meta = ckpt_lib.restore(path)
     expected = build.architecture(config.teacher)
     saved = meta.get("architecture")
     if saved is not None and _normalise(saved) != _normalise(expected):
@@ -281,8 +296,9 @@ def _normalise(arch: dict) -> dict:
 
 def check_same_shapes(target, loaded, what: str) -> None:
     t = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_leaves_with_path(target)}
-    s = {jax.tree_util.keystr(k): np.shape(v)
-         for k, v in jax.tree_util.tree_leaves_with_path(loaded)}
+    s = {
+        jax.tree_util.keystr(k): np.shape(v) for k, v in jax.tree_util.tree_leaves_with_path(loaded)
+    }
     for key, shape in t.items():
         if key not in s:
             raise ckpt_lib.CheckpointError(f"{what}: lacks parameter {key} {tuple(shape)}")
@@ -302,7 +318,9 @@ def run_phase(config, run_dir: Path, role: str, mesh, teacher_vars=None) -> dict
 
     from rkd_jax.data import pipeline
 
-    mode = "teacher" if role == "teacher" else ("distill" if teacher_vars is not None else "student")
+    mode = (
+        "teacher" if role == "teacher" else ("distill" if teacher_vars is not None else "student")
+    )
     model_cfg, sched = phase_configs(config, role)
     dtype = build.resolve_dtype(config.run.compute_dtype)
     model = build.build_model(model_cfg, dtype)
@@ -311,8 +329,9 @@ def run_phase(config, run_dir: Path, role: str, mesh, teacher_vars=None) -> dict
         # The frozen teacher only runs in inference mode: its BatchNorms fold into its convs.
         from rkd_jax.fold import fold_batch_norm
 
-        teacher, teacher_vars = fold_batch_norm(build.build_model(config.teacher, dtype),
-                                                teacher_vars)
+        teacher, teacher_vars = fold_batch_norm(
+            build.build_model(config.teacher, dtype), teacher_vars
+        )
     roles = ("student", "teacher") if mode == "distill" else (role,)
     tokenize = make_tokenizer(config, roles)
     parallel.check_batch_size(int(sched.batch_size), f"{role} batch_size")
@@ -331,16 +350,22 @@ def run_phase(config, run_dir: Path, role: str, mesh, teacher_vars=None) -> dict
     def fresh_state():
         variables = build.init_variables(model, model_cfg, init_rng, size, max_tokens)
         return TrainState(
-            step=jnp.zeros((), jnp.int32), params=variables["params"],
-            batch_stats=variables["batch_stats"], opt_state=tx.init(variables["params"]),
+            step=jnp.zeros((), jnp.int32),
+            params=variables["params"],
+            batch_stats=variables["batch_stats"],
+            opt_state=tx.init(variables["params"]),
             aux=init_aux(config, mode, tx, jax.random.fold_in(init_rng, 7)),
         )
 
     ckpt = ckpt_lib.Checkpointer(run_dir / "checkpoints", keep=int(config.run.keep_checkpoints))
     pcount, pindex = jax.process_count(), jax.process_index()
     data_iter = pipeline.make_train_iterator(
-        config.data, tokenize, int(sched.batch_size) // pcount, int(config.seed),
-        process_index=pindex, process_count=pcount,
+        config.data,
+        tokenize,
+        int(sched.batch_size) // pcount,
+        int(config.seed),
+        process_index=pindex,
+        process_count=pcount,
     )
     latest = ckpt.latest_step()
     abstract = jax.eval_shape(fresh_state)
@@ -369,28 +394,51 @@ def run_phase(config, run_dir: Path, role: str, mesh, teacher_vars=None) -> dict
             tables["student"] = text_table(model, {"params": state.params}, tokens, mask, mesh)
         if mode == "distill" and uses_text_cache(config, config.teacher):
             tables["teacher"] = text_table(teacher, teacher_vars, tokens, mask, mesh)
-        log.info("%s: text features of %d unique sentences in %.1fs", role, len(tokens),
-                 time.perf_counter() - t0)
+        log.info(
+            "%s: text features of %d unique sentences in %.1fs",
+            role,
+            len(tokens),
+            time.perf_counter() - t0,
+        )
 
     step_fn = make_train_step(config, mode, tx, model, teacher)
     predict_fn = eval_lib.make_predict_fn(model, float(config.run.threshold))
     writer = MetricWriter(run_dir)
-    eval_every = max(1, int(round(config.run.eval_every_epochs * steps_per_epoch)))
+    eval_every = max(1, round(config.run.eval_every_epochs * steps_per_epoch))
+
     def validate(step: int) -> dict:
         variables = {"params": state.params, "batch_stats": state.batch_stats}
-        res = evaluate_split(config, predict_fn, variables, tokenize, config.data.val_split,
-                             mesh, original_resolution=False)
+        res = evaluate_split(
+            config,
+            predict_fn,
+            variables,
+            tokenize,
+            config.data.val_split,
+            mesh,
+            original_resolution=False,
+        )
         m = res["network"]
         return {"val_mIoU": m["mIoU"], "val_oIoU": m["oIoU"]}
 
     def save(step: int, metrics: dict | None = None):
-        ckpt.save(step, state, data_iter.get_state(), meta_for(config, role, step / steps_per_epoch),
-                  metrics)
+        ckpt.save(
+            step,
+            state,
+            data_iter.get_state(),
+            meta_for(config, role, step / steps_per_epoch),
+            metrics,
+        )
 
     pending: list = []
     last_log, t_last = start, time.perf_counter()
-    bar = tqdm(total=total, initial=start, desc=f"{role}", unit="step",
-               disable=jax.process_index() != 0, dynamic_ncols=True)
+    bar = tqdm(
+        total=total,
+        initial=start,
+        desc=f"{role}",
+        unit="step",
+        disable=jax.process_index() != 0,
+        dynamic_ncols=True,
+    )
     try:
         for step in range(start, total):
             batch = parallel.put_batch(next(data_iter), mesh)
@@ -404,8 +452,10 @@ def run_phase(config, run_dir: Path, role: str, mesh, teacher_vars=None) -> dict
                 now = time.perf_counter()
                 images = (done - last_log) * int(sched.batch_size)
                 scalars.update(
-                    lr=float(schedule(done - 1)), images_per_s=images / (now - t_last),
-                    step_time_s=(now - t_last) / max(1, done - last_log), epoch=done / steps_per_epoch,
+                    lr=float(schedule(done - 1)),
+                    images_per_s=images / (now - t_last),
+                    step_time_s=(now - t_last) / max(1, done - last_log),
+                    epoch=done / steps_per_epoch,
                 )
                 pending, last_log = [], done
                 bar.set_postfix(loss=f"{scalars['loss']:.4f}", ips=f"{scalars['images_per_s']:.0f}")
@@ -414,8 +464,14 @@ def run_phase(config, run_dir: Path, role: str, mesh, teacher_vars=None) -> dict
                 if is_eval:
                     val = validate(done)
                     scalars.update(val)
-                    log.info("%s step %d epoch %.2f: val mIoU %.4f oIoU %.4f", role, done,
-                             done / steps_per_epoch, val["val_mIoU"], val["val_oIoU"])
+                    log.info(
+                        "%s step %d epoch %.2f: val mIoU %.4f oIoU %.4f",
+                        role,
+                        done,
+                        done / steps_per_epoch,
+                        val["val_mIoU"],
+                        val["val_oIoU"],
+                    )
                 writer.write(done, scalars)
                 if is_eval or is_ckpt:
                     save(done, val)
@@ -432,8 +488,16 @@ def run_phase(config, run_dir: Path, role: str, mesh, teacher_vars=None) -> dict
     return {"params": state.params, "batch_stats": state.batch_stats}
 
 
-def evaluate_split(config, predict_fn, variables, tokenize, split: str, mesh,
-                   original_resolution: bool = True, desc: str | None = None) -> dict:
+def evaluate_split(
+    config,
+    predict_fn,
+    variables,
+    tokenize,
+    split: str,
+    mesh,
+    original_resolution: bool = True,
+    desc: str | None = None,
+) -> dict:
     """Score one split with the jitted predict function (sharded like training)."""
     from rkd_jax.data import pipeline
 
@@ -449,8 +513,14 @@ def evaluate_split(config, predict_fn, variables, tokenize, split: str, mesh,
         batches = _take_examples(batches, limit // pcount)
         n = min(n, limit)
     return eval_lib.evaluate_batches(
-        predict_fn, variables, batches, lambda b: parallel.put_batch(b, mesh),
-        float(config.run.threshold), original_resolution, total=n, desc=desc or split,
+        predict_fn,
+        variables,
+        batches,
+        lambda b: parallel.put_batch(b, mesh),
+        float(config.run.threshold),
+        original_resolution,
+        total=n,
+        desc=desc or split,
     )
 
 
@@ -483,10 +553,12 @@ def evaluate_run(config, run_dir: Path, role: str, splits, mesh) -> dict:
     all_results = {}
     for split in splits:
         t0 = time.perf_counter()
-        res = evaluate_split(config, predict_fn, variables, tokenize, split, mesh,
-                             desc=f"eval {split}")
-        counts = pipeline.split_counts(config.data, split) if hasattr(
-            pipeline, "split_counts") else {}
+        res = evaluate_split(
+            config, predict_fn, variables, tokenize, split, mesh, desc=f"eval {split}"
+        )
+        counts = (
+            pipeline.split_counts(config.data, split) if hasattr(pipeline, "split_counts") else {}
+        )
         payload = {
             "metrics": res,
             "protocol": eval_lib.protocol(config, split, step, counts),
@@ -501,9 +573,15 @@ def evaluate_run(config, run_dir: Path, role: str, splits, mesh) -> dict:
         if jax.process_index() == 0:
             eval_lib.write_results(run_dir / "results" / name, payload)
         all_results[split] = res
-        log.info("%s %s: mIoU %.4f oIoU %.4f (network) | mIoU %.4f oIoU %.4f (original)",
-                 role, split, res["network"]["mIoU"], res["network"]["oIoU"],
-                 res["original"]["mIoU"], res["original"]["oIoU"])
+        log.info(
+            "%s %s: mIoU %.4f oIoU %.4f (network) | mIoU %.4f oIoU %.4f (original)",
+            role,
+            split,
+            res["network"]["mIoU"],
+            res["network"]["oIoU"],
+            res["original"]["mIoU"],
+            res["original"]["oIoU"],
+        )
     return all_results
 
 

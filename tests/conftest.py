@@ -10,15 +10,15 @@ if "xla_force_host_platform_device_count" not in _flags:
 if "xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
     os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
 
-from rkd_jax import platform  # noqa: E402
+from rkd_jax import platform
 
 platform.configure_cpu_flags()
 
-import importlib.util  # noqa: E402
-import tempfile  # noqa: E402
-from pathlib import Path  # noqa: E402
+import importlib.util
+import tempfile
+from pathlib import Path
 
-import pytest  # noqa: E402
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 # Generated data and TFDS caches of the test session stay out of the user's cache.

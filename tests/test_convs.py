@@ -16,8 +16,9 @@ def test_taps_match_grouped_conv_values_and_gradients(k, stride, size):
     rng = np.random.default_rng(k * 10 + stride)
     x = jnp.asarray(rng.standard_normal((3, *size, 40)), jnp.float32)
     w = jnp.asarray(rng.standard_normal((k, k, 40)), jnp.float32)
-    ct = jnp.asarray(rng.standard_normal(depthwise.depthwise_native(x, w, stride).shape),
-                     jnp.float32)
+    ct = jnp.asarray(
+        rng.standard_normal(depthwise.depthwise_native(x, w, stride).shape), jnp.float32
+    )
 
     def loss(f):
         return lambda x, w: jnp.sum(f(x, w, stride) * ct)
@@ -44,8 +45,12 @@ def test_module_has_nn_conv_parameters_and_export_switch():
     v_ref = ref.init(jax.random.key(1), x)
     assert jax.tree.map(jnp.shape, v_ours) == jax.tree.map(jnp.shape, v_ref)
     np.testing.assert_array_equal(v_ours["params"]["kernel"], v_ref["params"]["kernel"])
-    v_ref = {"params": {"kernel": v_ref["params"]["kernel"],
-                        "bias": jnp.linspace(-1, 1, 24, dtype=jnp.float32)}}
+    v_ref = {
+        "params": {
+            "kernel": v_ref["params"]["kernel"],
+            "bias": jnp.linspace(-1, 1, 24, dtype=jnp.float32),
+        }
+    }
     np.testing.assert_allclose(ours.apply(v_ref, x), ref.apply(v_ref, x), atol=2e-5)
 
     apply = jax.jit(lambda x: ours.apply(v_ref, x))
@@ -70,17 +75,30 @@ def test_batch_norm_matches_flax(shape):
     kw = {"momentum": 0.9, "epsilon": 1e-3}
     ours, ref = depthwise.BatchNorm(**kw), nn.BatchNorm(**kw)
     v = ref.init(jax.random.key(0), x, use_running_average=False)
-    assert jax.tree.map(jnp.shape, ours.init(jax.random.key(0), x, use_running_average=False)) \
-        == jax.tree.map(jnp.shape, v)
-    v = {"params": {"scale": jnp.linspace(0.5, 2, shape[-1]), "bias": jnp.linspace(-1, 1, shape[-1])},
-         "batch_stats": {"mean": jnp.linspace(-0.2, 0.2, shape[-1]),
-                         "var": jnp.linspace(0.5, 1.5, shape[-1])}}
+    assert jax.tree.map(
+        jnp.shape, ours.init(jax.random.key(0), x, use_running_average=False)
+    ) == jax.tree.map(jnp.shape, v)
+    v = {
+        "params": {
+            "scale": jnp.linspace(0.5, 2, shape[-1]),
+            "bias": jnp.linspace(-1, 1, shape[-1]),
+        },
+        "batch_stats": {
+            "mean": jnp.linspace(-0.2, 0.2, shape[-1]),
+            "var": jnp.linspace(0.5, 1.5, shape[-1]),
+        },
+    }
 
     def run(m, train):
         def loss(params, x):
-            y, upd = m.apply({"params": params, "batch_stats": v["batch_stats"]}, x,
-                             use_running_average=not train, mutable=["batch_stats"])
+            y, upd = m.apply(
+                {"params": params, "batch_stats": v["batch_stats"]},
+                x,
+                use_running_average=not train,
+                mutable=["batch_stats"],
+            )
             return jnp.sum(y * ct), (y, upd)
+
         (_, (y, upd)), grads = jax.value_and_grad(loss, (0, 1), has_aux=True)(v["params"], x)
         return y, upd, grads
 
@@ -110,6 +128,7 @@ def test_batch_norm_train_gradient_through_its_statistics():
         def fn(x, s, b):
             y, mean, var = f(x, s, b)
             return jnp.sum(y * ct) + jnp.sum(mean * a1) + jnp.sum(var * a2)
+
         return fn
 
     ours = jax.grad(loss(lambda x, s, b: depthwise.batch_norm_train(x, s, b, 1e-3)), (0, 1, 2))

@@ -16,18 +16,34 @@ from rkd_jax import table
 LAUNCH = ROOT / "launch.sh"
 
 
-def _results(run_dir: Path, dataset: str, split: str, miou_net: float, miou_orig: float,
-             oiou_net: float, oiou_orig: float) -> None:
+def _results(
+    run_dir: Path,
+    dataset: str,
+    split: str,
+    miou_net: float,
+    miou_orig: float,
+    oiou_net: float,
+    oiou_orig: float,
+) -> None:
     """A results file shaped like the ones python -m rkd_jax.main writes."""
+
     def block(miou, oiou):
         return {"mIoU": miou, "oIoU": oiou, "P@0.5": 0.0, "P@0.9": 0.0, "num_sentences": 40}
 
     payload = {
         "metrics": {"network": block(miou_net, oiou_net), "original": block(miou_orig, oiou_orig)},
-        "protocol": {"split": split, "dataset": dataset, "image_size": 96, "max_tokens": 12,
-                     "threshold": 0.5, "sentences": "every sentence", "max_eval_examples": -1,
-                     "resize": "squash", "empty_union": "IoU = 1",
-                     "resolutions": {"network": "net text", "original": "orig text"}},
+        "protocol": {
+            "split": split,
+            "dataset": dataset,
+            "image_size": 96,
+            "max_tokens": 12,
+            "threshold": 0.5,
+            "sentences": "every sentence",
+            "max_eval_examples": -1,
+            "resize": "squash",
+            "empty_union": "IoU = 1",
+            "resolutions": {"network": "net text", "original": "orig text"},
+        },
         "role": "student",
     }
     (run_dir / "results").mkdir(parents=True, exist_ok=True)
@@ -52,8 +68,11 @@ def fake_root(tmp_path):
     """refcoco val: teacher on seeds 0-2, student on seeds 0-1 (seed 2 killed before its
     results), distill on seeds 0-2; the teacher also has testA on seed 0 only."""
     root = tmp_path / "runs"
-    teacher = {0: (0.60, 0.50, 0.70, 0.10), 1: (0.62, 0.55, 0.70, 0.20),
-               2: (0.64, 0.60, 0.70, 0.30)}
+    teacher = {
+        0: (0.60, 0.50, 0.70, 0.10),
+        1: (0.62, 0.55, 0.70, 0.20),
+        2: (0.64, 0.60, 0.70, 0.30),
+    }
     for k, vals in teacher.items():
         d = root / "refcoco" / f"seed{k}" / "teacher"
         _results(d, "refcoco", "val", *vals)
@@ -92,9 +111,21 @@ def _row(md: str, label: str, section: str) -> list[str]:
 def test_table_means_stds_and_missing_seeds(fake_root, tmp_path):
     out = tmp_path / "out"
     (out).mkdir()
-    (out / "model_report_miniature.json").write_text(json.dumps([
-        {"role": "teacher", "backbone": "resnet18", "text_layers": 6, "input": "96x96, 12 tokens",
-         "params_M": 3.4, "gflops": 1.014, "latency_ms_median": 12.34}]))
+    (out / "model_report_miniature.json").write_text(
+        json.dumps(
+            [
+                {
+                    "role": "teacher",
+                    "backbone": "resnet18",
+                    "text_layers": 6,
+                    "input": "96x96, 12 tokens",
+                    "params_M": 3.4,
+                    "gflops": 1.014,
+                    "latency_ms_median": 12.34,
+                }
+            ]
+        )
+    )
     assert table.main(["--root", str(fake_root), "--out", str(out)]) == 0
     md = (out / "table1.md").read_text()
 
@@ -120,15 +151,19 @@ def test_table_means_stds_and_missing_seeds(fake_root, tmp_path):
     assert _row(md, "teacher − student (the margin)", gains)[0] == "+9.00 ± 1.41 (n=2 of 3)"
     assert _row(md, "student + L_VL + L_C (the paper)", gains)[0] == "+3.50 ± 2.12 (n=2 of 3)"
     assert _row(md, "paper: distilled − student", gains)[0] == "+1.87"
-    assert ("Teacher's margin over the student baseline on refcoco val (mIoU, network): "
-            "+9.00 ± 1.41 (n=2 of 3)") in md
+    assert (
+        "Teacher's margin over the student baseline on refcoco val (mIoU, network): "
+        "+9.00 ± 1.41 (n=2 of 3)"
+    ) in md
     assert "the paper: +7.89" in md
 
     hp = _row(md, "student + L_VL + L_C (the paper)", "Hyper-parameters")
     assert hp[0] == "distill" and hp[2] == "7" and "0.5 L_VL + 0.5 L_C" in hp[5]
     assert "differs between its runs: train.lr (0.001, 0.002)" in md
-    assert "resnet18 width 16 blocks [1, 1, 1, 1]" in _row(md, "student (no distillation)",
-                                                         "Hyper-parameters")[1]
+    assert (
+        "resnet18 width 16 blocks [1, 1, 1, 1]"
+        in _row(md, "student (no distillation)", "Hyper-parameters")[1]
+    )
     rep = _row(md, "teacher resnet18 + BERT-6", "Model report")
     assert rep[:5] == ["96x96, 12 tokens", "3.40", "1.01", "12.3", "miniature"]
     assert _row(md, "teacher", "Wall time per stage") == ["2", "0", "3.0"]
@@ -186,8 +221,13 @@ def test_table_bad_input_names_the_file(tmp_path, capsys):
 
 def test_launch_rejects_bad_options(tmp_path):
     def launch(*args):
-        return subprocess.run(["bash", str(LAUNCH), "--root", str(tmp_path / "r"), *args],
-                              check=False, capture_output=True, text=True, timeout=60)
+        return subprocess.run(
+            ["bash", str(LAUNCH), "--root", str(tmp_path / "r"), *args],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
 
     r = launch("--config.seed=3")
     assert r.returncode == 2 and "use --seeds N" in r.stderr
@@ -201,13 +241,26 @@ def test_launch_rejects_bad_options(tmp_path):
 
 
 def _checkpoints(root: Path) -> dict[str, float]:
-    return {str(p.relative_to(root)): p.stat().st_mtime
-            for p in [*root.glob("*/seed*/*/checkpoints/*"), *root.glob("*/teacher/checkpoints/*")]
-            if p.name.isdigit()}
+    return {
+        str(p.relative_to(root)): p.stat().st_mtime
+        for p in [*root.glob("*/seed*/*/checkpoints/*"), *root.glob("*/teacher/checkpoints/*")]
+        if p.name.isdigit()
+    }
 
 
-TINY_RUNS = ("teacher", "student", "distill", "vl_only", "channel_only", "logit_kd", "skd", "cwd",
-             "ickd", "lite0", "lite0_distill")
+TINY_RUNS = (
+    "teacher",
+    "student",
+    "distill",
+    "vl_only",
+    "channel_only",
+    "logit_kd",
+    "skd",
+    "cwd",
+    "ickd",
+    "lite0",
+    "lite0_distill",
+)
 
 
 @pytest.mark.slow
@@ -221,13 +274,24 @@ def test_launch_tiny_runs_every_stage_then_skips_them(tmp_path):
     flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", ""))
     env["XLA_FLAGS"] = flags + " --xla_force_host_platform_device_count=1"
     root, out = tmp_path / "runs", tmp_path / "out"
-    cmd = ["bash", str(LAUNCH), "--setting", "tiny", "--seeds", "1", "--root", str(root),
-           "--out", str(out)]
+    cmd = [
+        "bash",
+        str(LAUNCH),
+        "--setting",
+        "tiny",
+        "--seeds",
+        "1",
+        "--root",
+        str(root),
+        "--out",
+        str(out),
+    ]
 
     def launch(*extra):
         t0 = time.perf_counter()
-        r = subprocess.run(cmd + list(extra), check=False, env=env, capture_output=True,
-                           text=True, timeout=3000)
+        r = subprocess.run(
+            cmd + list(extra), check=False, env=env, capture_output=True, text=True, timeout=3000
+        )
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
         print(f"launch.sh {' '.join(extra)}: {time.perf_counter() - t0:.0f} s")
         return r.stdout
@@ -253,11 +317,24 @@ def test_launch_tiny_runs_every_stage_then_skips_them(tmp_path):
     assert cfg["vl_only"]["distill"]["lambda_channel"] == 0.0
     assert cfg["channel_only"]["distill"]["lambda_vl"] == 0.0
     assert [cfg[m]["distill"]["method"] for m in ("logit_kd", "skd", "cwd", "ickd")] == [
-        "logit_kd", "skd", "cwd", "ickd"]
+        "logit_kd",
+        "skd",
+        "cwd",
+        "ickd",
+    ]
     assert cfg["lite0_distill"]["student"]["backbone"] == "efficientnet_lite0"
     assert cfg["lite0"]["mode"] == "student"
-    for stage in ("data", "teacher", "student", "distill", "ablations", "baselines", "lite0",
-                  "eval", "report"):
+    for stage in (
+        "data",
+        "teacher",
+        "student",
+        "distill",
+        "ablations",
+        "baselines",
+        "lite0",
+        "eval",
+        "report",
+    ):
         assert f"stage {stage} finished" in first
     assert "skip eval refcoco/seed0/cwd: results exist" in first  # the runs just wrote them
     md = (out / "table1.md").read_text()

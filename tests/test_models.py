@@ -49,7 +49,7 @@ def test_paper_shapes_at_384_and_20_tokens(variant):
     for role in ("teacher", "student"):
         m = build.build_model(c[role], bert_config=BertConfig.base())
         abstract = build.abstract_variables(m, 384, 20)
-        out = jax.eval_shape(lambda v: m.apply(v, *build.dummy_inputs(384, 20, 2)), abstract)
+        out = jax.eval_shape(lambda v, m=m: m.apply(v, *build.dummy_inputs(384, 20, 2)), abstract)
         assert [a.shape for a in out["vl_attention"]] == [(2, 2304, 20), (2, 576, 20), (2, 144, 20)]
         assert out["decoder"].shape == (2, 9216, 256)
         assert out["logits"].shape == (2, 96, 96, 2)

@@ -14,7 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import ROOT, tiny_config
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from rkd_jax import train
 from rkd_jax.models import build
@@ -46,8 +47,9 @@ def setup_models(config, mode="distill", tx=None):
     t_vars = build.init_variables(teacher, config.teacher, build.make_key(2), size, length)
     if tx is None:
         tx, _ = make_optimizer(config.train, 10, frozen=train.text_frozen)
-    state = train.TrainState(jnp.zeros((), jnp.int32), s_vars["params"], s_vars["batch_stats"],
-                             tx.init(s_vars["params"]))
+    state = train.TrainState(
+        jnp.zeros((), jnp.int32), s_vars["params"], s_vars["batch_stats"], tx.init(s_vars["params"])
+    )
     step = train.make_train_step(config, mode, tx, student, teacher if mode == "distill" else None)
     return step, state, t_vars
 
@@ -77,7 +79,7 @@ def test_distill_step_leaves_teacher_untouched_and_never_differentiates_it(tiny_
     tables = {"student": None, "teacher": None}
     before = jax.tree.map(np.array, t_vars)
     jaxpr_distill = jax.make_jaxpr(step)(state, batch, t_vars, tables).jaxpr
-    new_state, metrics = step(jax.tree.map(jnp.copy, state), batch, t_vars, tables)
+    _, metrics = step(jax.tree.map(jnp.copy, state), batch, t_vars, tables)
     jax.tree.map(np.testing.assert_array_equal, before, jax.tree.map(np.array, t_vars))
     assert set(metrics) >= {"loss", "loss_seg", "loss_vl", "loss_channel", "grad_norm"}
     assert all(np.isfinite(float(v)) for v in metrics.values())
@@ -100,8 +102,9 @@ def test_distillation_gradients_reach_student_fusion_and_fpn(tiny_models):
     batch = random_batch(config, seed=3)
     tables = {"student": None, "teacher": None}
     new_state, _ = step(jax.tree.map(jnp.copy, state), batch, t_vars, tables)
-    moved = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), state.params,
-                         new_state.params)
+    moved = jax.tree.map(
+        lambda a, b: float(jnp.max(jnp.abs(a - b))), state.params, new_state.params
+    )
     for name in ("fusion_v3", "fusion_v4", "fusion_v5", "decoder", "visual"):
         assert max(jax.tree.leaves(moved[name])) > 0, name
     # the frozen text encoder does not move
@@ -129,10 +132,14 @@ def test_sharded_step_equals_single_device_step(tiny_models):
         results.append((jax.tree.map(np.asarray, new_state), float(metrics["loss"])))
     (a, loss_a), (b, loss_b) = results
     assert loss_a == pytest.approx(loss_b, rel=1e-5)
-    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6),
-                 a.params, b.params)
-    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6),
-                 a.batch_stats, b.batch_stats)
+    jax.tree.map(
+        lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6), a.params, b.params
+    )
+    jax.tree.map(
+        lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6),
+        a.batch_stats,
+        b.batch_stats,
+    )
 
 
 WORKER = textwrap.dedent(
@@ -182,17 +189,33 @@ def test_two_processes_equal_one_process(tmp_path):
     feeding its half of the global batch -> the parameters of 1 process x 2 devices."""
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    env = dict(os.environ, RKD_TESTS_DIR=str(ROOT / "tests"), JAX_PLATFORMS="cpu",
-               XLA_FLAGS="--xla_force_host_platform_device_count=1 "
-               + " ".join(f for f in os.environ.get("XLA_FLAGS", "").split()
-                          if "device_count" not in f))
+    env = dict(
+        os.environ,
+        RKD_TESTS_DIR=str(ROOT / "tests"),
+        JAX_PLATFORMS="cpu",
+        XLA_FLAGS="--xla_force_host_platform_device_count=1 "
+        + " ".join(f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f),
+    )
     port = _free_port()
-    procs = [subprocess.Popen([sys.executable, str(script), str(i), "2", str(port),
-                               str(tmp_path / "two.npz")], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(i), "2", str(port), str(tmp_path / "two.npz")],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
     env_one = dict(env, XLA_FLAGS=env["XLA_FLAGS"].replace("device_count=1", "device_count=2"))
-    one = subprocess.run([sys.executable, str(script), "0", "1", "0", str(tmp_path / "one.npz")],
-                         env=env_one, capture_output=True, text=True, timeout=600)
+    one = subprocess.run(
+        [sys.executable, str(script), "0", "1", "0", str(tmp_path / "one.npz")],
+        env=env_one,
+        capture_output=True,
+        check=False,
+        text=True,
+        timeout=600,
+    )
     outs = [p.communicate(timeout=600)[0] for p in procs]
     assert one.returncode == 0, one.stdout + one.stderr
     for p, o in zip(procs, outs):
@@ -230,7 +253,7 @@ def _params(run_dir: Path):
     c.close()
     from rkd_jax.checkpoint import restore
 
-    _, variables, meta = restore(run_dir / "checkpoints" / str(step))
+    _, variables, _ = restore(run_dir / "checkpoints" / str(step))
     return step, variables
 
 
@@ -239,24 +262,40 @@ def test_sigkill_during_save_then_resume_equals_uninterrupted(tmp_path):
     """Teacher mode, 6 steps, checkpoints every 2: the process is SIGKILLed while saving
     step 4; the same command resumes from step 2 and ends with the parameters of an
     uninterrupted run (bit-identical on CPU)."""
-    overrides = ["--config.run.max_steps=6", "--config.run.checkpoint_every_steps=2",
-                 "--config.run.max_eval_examples=8", "--config.data.eval_splits=('val',)"]
+    overrides = [
+        "--config.run.max_steps=6",
+        "--config.run.checkpoint_every_steps=2",
+        "--config.run.max_eval_examples=8",
+        "--config.data.eval_splits=('val',)",
+    ]
     cmd = ["--config", str(ROOT / "configs" / "teacher.py") + ":tiny"] + overrides
     killer = tmp_path / "killer.py"
     killer.write_text(KILLER)
     env = dict(os.environ, RKD_TEST_KILL_AT_SAVE="4")
-    killed = subprocess.run([sys.executable, str(killer), *cmd, "--workdir", str(tmp_path / "b")],
-                            env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
+    killed = subprocess.run(
+        [sys.executable, str(killer), *cmd, "--workdir", str(tmp_path / "b")],
+        env=env,
+        capture_output=True,
+        check=False,
+        text=True,
+        timeout=900,
+        cwd=ROOT,
+    )
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
-    steps = sorted(int(p.name) for p in (tmp_path / "b" / "checkpoints").iterdir()
-                   if p.name.isdigit())
+    steps = sorted(
+        int(p.name) for p in (tmp_path / "b" / "checkpoints").iterdir() if p.name.isdigit()
+    )
     assert steps == [2]  # step 4 never completed
 
     # The uninterrupted run (a) and the resume of the killed one (b): the same command line.
     for workdir in ("a", "b"):
         run = subprocess.run(
             [sys.executable, "-m", "rkd_jax.main", *cmd, "--workdir", str(tmp_path / workdir)],
-            capture_output=True, text=True, timeout=900, cwd=ROOT,
+            capture_output=True,
+            check=False,
+            text=True,
+            timeout=900,
+            cwd=ROOT,
         )
         assert run.returncode == 0, run.stderr[-3000:]
     step_a, va = _params(tmp_path / "a")
@@ -324,11 +363,15 @@ def test_ickd_step_trains_its_adapter_outside_the_student():
     assert set(state.aux["params"]) == {"conv1x1", "bn"}
     new_state, metrics = step(jax.tree.map(jnp.copy, state), batch, t_vars, tables)
     assert np.isfinite(float(metrics["loss_ickd"])) and float(metrics["loss_ickd"]) > 0
-    moved = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), state.aux["params"],
-                         new_state.aux["params"])
+    moved = jax.tree.map(
+        lambda a, b: float(jnp.max(jnp.abs(a - b))), state.aux["params"], new_state.aux["params"]
+    )
     assert min(jax.tree.leaves(moved)) > 0  # the adapter trains (kernel, BN scale and bias)
-    stats = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), state.aux["batch_stats"],
-                         new_state.aux["batch_stats"])
+    stats = jax.tree.map(
+        lambda a, b: float(jnp.max(jnp.abs(a - b))),
+        state.aux["batch_stats"],
+        new_state.aux["batch_stats"],
+    )
     assert min(jax.tree.leaves(stats)) > 0  # its BatchNorm statistics update
     assert "conv1x1" not in new_state.params and "bn" not in new_state.params
     # Without the adapter (ickd_adapter=False) the state has no aux and the loss differs.
@@ -362,6 +405,7 @@ def test_ickd_run_resumes_its_adapter_and_saves_only_the_student(tiny_run, tmp_p
     # Equal only if the resumed run restored the adapter instead of initialising a new one.
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6), a, b)
     student = build.build_model(tiny_config().student)
-    target = build.abstract_variables(student, tiny_config().data.image_size,
-                                      tiny_config().data.max_tokens)
+    target = build.abstract_variables(
+        student, tiny_config().data.image_size, tiny_config().data.max_tokens
+    )
     assert set(a["params"]) == set(target["params"])  # no adapter in the student's variables

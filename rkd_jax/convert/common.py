@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 import numpy as np
 
@@ -48,7 +48,9 @@ def read_state_dict(path: str | Path) -> dict[str, np.ndarray]:
             if isinstance(obj, Mapping) and wrapper in obj and isinstance(obj[wrapper], Mapping):
                 obj = obj[wrapper]
         if not isinstance(obj, Mapping):
-            raise ConversionError(f"{path}: expected a state dict (name -> tensor), got {type(obj)}")
+            raise ConversionError(
+                f"{path}: expected a state dict (name -> tensor), got {type(obj)}"
+            )
         out = {}
         for k, v in obj.items():
             if hasattr(v, "detach"):
@@ -62,7 +64,9 @@ def read_state_dict(path: str | Path) -> dict[str, np.ndarray]:
     )
 
 
-def take(state: Mapping[str, np.ndarray], key: str, shape: tuple[int, ...], source: str) -> np.ndarray:
+def take(
+    state: Mapping[str, np.ndarray], key: str, shape: tuple[int, ...], source: str
+) -> np.ndarray:
     """Fetch `key` from a state dict, checking its shape; errors name the key and the shape."""
     if key not in state:
         raise ConversionError(f"{source}: missing key '{key}' (expected shape {tuple(shape)})")

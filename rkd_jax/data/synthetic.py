@@ -115,9 +115,36 @@ _RELATIONS = (
 # Words that RefCOCO+ forbids (absolute and relative location). "covering"/"hidden by" describe
 # how objects occlude each other, which RefCOCO+ annotators were allowed to use.
 LOCATION_WORDS = frozenset(
-    """left right top bottom upper lower leftmost rightmost topmost bottommost middle center
-    centre above below under over behind front closest nearest near next far farthest side
-    corner beside""".split()
+    [
+        "left",
+        "right",
+        "top",
+        "bottom",
+        "upper",
+        "lower",
+        "leftmost",
+        "rightmost",
+        "topmost",
+        "bottommost",
+        "middle",
+        "center",
+        "centre",
+        "above",
+        "below",
+        "under",
+        "over",
+        "behind",
+        "front",
+        "closest",
+        "nearest",
+        "near",
+        "next",
+        "far",
+        "farthest",
+        "side",
+        "corner",
+        "beside",
+    ]
 )
 FAMILIES = ("location", "colour_shape", "relation", "size", "shape_only", "colour_only")
 # Target proportions of the expression families (the prototype's mix, shared/MINIATURE.md).
@@ -930,7 +957,7 @@ def make_image(seed: int, index: int, split: str, sentences_per_object: int = 2)
 
 def split_of_images(num_images: int, seed: int, eval_fraction: float) -> list[str]:
     """Split name of each image index: val/testA/testB get `eval_fraction` each, train the rest."""
-    n_eval = max(1, int(round(num_images * eval_fraction))) if num_images >= 4 else 0
+    n_eval = max(1, round(num_images * eval_fraction)) if num_images >= 4 else 0
     if num_images < 4:
         raise ValueError(f"num_images={num_images}: need at least 4 (one image per split)")
     order = np.random.default_rng([seed, 0x5917]).permutation(num_images)

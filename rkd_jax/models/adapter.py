@@ -30,6 +30,4 @@ class ChannelAdapter(nn.Module):
         if x.ndim not in (3, 4):
             raise ValueError(f"ChannelAdapter: expected [B, HW, C] or [B, H, W, C], got {x.shape}")
         y = nn.Dense(self.features, use_bias=False, name="conv1x1")(x)
-        return nn.BatchNorm(
-            use_running_average=not train, momentum=0.9, epsilon=1e-5, name="bn"
-        )(y)
+        return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name="bn")(y)

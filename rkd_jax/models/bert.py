@@ -91,7 +91,7 @@ class BertConfig:
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ValueError(f"{file}: not a readable JSON file ({e})") from e
         if not isinstance(raw, dict):
-            raise ValueError(f"{file}: expected a JSON object, got {type(raw).__name__}")  # noqa: TRY004
+            raise ValueError(f"{file}: expected a JSON object, got {type(raw).__name__}")
         model_type = raw.get("model_type", "bert")
         if model_type != "bert":
             raise ValueError(f"{file}: model_type is '{model_type}', expected 'bert'")

@@ -12,8 +12,13 @@ from rkd_jax.models.bert import BertConfig
 from rkd_jax.models.segmenter import Segmenter, check_backbone_name
 
 ARCH_FIELDS = (
-    "backbone", "backbone_width", "backbone_stage_sizes", "text_num_layers", "fusion_dim",
-    "fpn_dim", "attention_norm",
+    "backbone",
+    "backbone_width",
+    "backbone_stage_sizes",
+    "text_num_layers",
+    "fusion_dim",
+    "fpn_dim",
+    "attention_norm",
 )
 
 
@@ -73,17 +78,16 @@ def dummy_inputs(image_size: int, max_tokens: int, batch: int = 1):
 
 def abstract_variables(model, image_size: int, max_tokens: int) -> dict:
     """Shapes and dtypes of the model's variables, computed without allocating them."""
-    return jax.eval_shape(
-        lambda: model.init(make_key(0), *dummy_inputs(image_size, max_tokens))
-    )
+    return jax.eval_shape(lambda: model.init(make_key(0), *dummy_inputs(image_size, max_tokens)))
 
 
 def count_params(tree) -> int:
     return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
 
 
-def init_variables(model, model_cfg, rng, image_size: int, max_tokens: int,
-                   pretrained: bool = True) -> dict:
+def init_variables(
+    model, model_cfg, rng, image_size: int, max_tokens: int, pretrained: bool = True
+) -> dict:
     """Random init, then the pretrained text encoder and backbone weights the config names."""
     variables = jax.jit(model.init)(rng, *dummy_inputs(image_size, max_tokens))
     variables = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
@@ -111,7 +115,9 @@ def init_variables(model, model_cfg, rng, image_size: int, max_tokens: int,
                 )
             path = vision.lite0_checkpoint_path()
         loaded = vision.load_backbone_weights(
-            path, model_cfg.backbone, int(model_cfg.backbone_width),
+            path,
+            model_cfg.backbone,
+            int(model_cfg.backbone_width),
             tuple(model_cfg.backbone_stage_sizes),
         )
         params["visual"] = _replace(params["visual"], loaded["params"], f"backbone ({path})")
@@ -139,5 +145,7 @@ def _replace(target, loaded, what: str):
 
 def architecture(model_cfg) -> dict:
     """The config fields that decide the parameter shapes (for mismatch errors)."""
-    return {k: (list(model_cfg[k]) if k == "backbone_stage_sizes" else model_cfg[k])
-            for k in ARCH_FIELDS}
+    return {
+        k: (list(model_cfg[k]) if k == "backbone_stage_sizes" else model_cfg[k])
+        for k in ARCH_FIELDS
+    }

@@ -69,8 +69,9 @@ def _taps(xp: jax.Array, w: jax.Array, s: int, ho: int, wo: int) -> jax.Array:
     out = None
     for i in range(w.shape[0]):
         for j in range(w.shape[1]):
-            sl = lax.slice(xp, (0, i, j, 0), (n, i + (ho - 1) * s + 1, j + (wo - 1) * s + 1, c),
-                           (1, s, s, 1))
+            sl = lax.slice(
+                xp, (0, i, j, 0), (n, i + (ho - 1) * s + 1, j + (wo - 1) * s + 1, c), (1, s, s, 1)
+            )
             out = sl * w[i, j] if out is None else out + sl * w[i, j]
     return out
 
@@ -79,8 +80,8 @@ def _sum_rows(y: jax.Array) -> jax.Array:
     """Sum of [M, C] over M as halving adds (fast elementwise fusions on XLA:CPU)."""
     while y.shape[0] > 64:
         h = y.shape[0] // 2
-        head = y[:h] + y[h:2 * h]
-        y = head if y.shape[0] % 2 == 0 else jnp.concatenate([head, y[2 * h:]])
+        head = y[:h] + y[h : 2 * h]
+        y = head if y.shape[0] % 2 == 0 else jnp.concatenate([head, y[2 * h :]])
     return jnp.sum(y, axis=0)
 
 
@@ -110,17 +111,21 @@ def _bwd(stride, res, g):
     hp, wp = h + top + bottom, wd + left + right
     extra_h, extra_w = hp - ((ho - 1) * s + k), wp - ((wo - 1) * s + k)
     # d/dx: taps of the stride-dilated, (k-1)-padded gradient with the flipped kernel.
-    gp = lax.pad(g, jnp.zeros((), g.dtype), ((0, 0, 0), (k - 1, k - 1 + extra_h, s - 1),
-                                             (k - 1, k - 1 + extra_w, s - 1), (0, 0, 0)))
+    gp = lax.pad(
+        g,
+        jnp.zeros((), g.dtype),
+        ((0, 0, 0), (k - 1, k - 1 + extra_h, s - 1), (k - 1, k - 1 + extra_w, s - 1), (0, 0, 0)),
+    )
     dxp = _taps(gp, w[::-1, ::-1].astype(g.dtype), 1, hp, wp)
-    dx = dxp[:, top:top + h, left:left + wd, :]
+    dx = dxp[:, top : top + h, left : left + wd, :]
     # d/dw: per tap, the shifted input times the gradient, summed over batch and space.
     xp = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))
     rows = []
     for i in range(k):
         for j in range(k):
-            sl = lax.slice(xp, (0, i, j, 0), (n, i + (ho - 1) * s + 1, j + (wo - 1) * s + 1, c),
-                           (1, s, s, 1))
+            sl = lax.slice(
+                xp, (0, i, j, 0), (n, i + (ho - 1) * s + 1, j + (wo - 1) * s + 1, c), (1, s, s, 1)
+            )
             rows.append(_sum_rows((sl * g).reshape(-1, c).astype(jnp.float32)))
     dw = jnp.stack(rows).reshape(k, k, c).astype(w.dtype)
     return dx, dw
@@ -135,8 +140,13 @@ def depthwise_native(x: jax.Array, w: jax.Array, stride: int) -> jax.Array:
     _, top, bottom = _same(x.shape[1], k, stride)
     _, left, right = _same(x.shape[2], k, stride)
     return lax.conv_general_dilated(
-        x, w[:, :, None, :].astype(x.dtype), (stride, stride), ((top, bottom), (left, right)),
-        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=x.shape[-1])
+        x,
+        w[:, :, None, :].astype(x.dtype),
+        (stride, stride),
+        ((top, bottom), (left, right)),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        feature_group_count=x.shape[-1],
+    )
 
 
 class DepthwiseConv(nn.Module):
@@ -153,18 +163,23 @@ class DepthwiseConv(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         if x.shape[-1] != self.features:
-            raise ValueError(f"DepthwiseConv: input has {x.shape[-1]} channels, expected "
-                             f"{self.features}")
-        kernel = self.param("kernel", nn.initializers.lecun_normal(),
-                            (self.kernel, self.kernel, 1, self.features), self.param_dtype)
+            raise ValueError(
+                f"DepthwiseConv: input has {x.shape[-1]} channels, expected {self.features}"
+            )
+        kernel = self.param(
+            "kernel",
+            nn.initializers.lecun_normal(),
+            (self.kernel, self.kernel, 1, self.features),
+            self.param_dtype,
+        )
         x = x.astype(self.dtype)
         w = kernel[:, :, 0, :].astype(self.dtype)
         y = depthwise_taps(x, w, self.stride) if use_taps() else depthwise_native(x, w, self.stride)
         if self.use_bias:
-            y = y + self.param("bias", nn.initializers.zeros, (self.features,),
-                               self.param_dtype).astype(self.dtype)
+            y = y + self.param(
+                "bias", nn.initializers.zeros, (self.features,), self.param_dtype
+            ).astype(self.dtype)
         return y
-
 
 
 def _sum_leading(x: jax.Array) -> jax.Array:
@@ -224,8 +239,9 @@ class BatchNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, use_running_average: bool | None = None) -> jax.Array:
-        use_ra = nn.merge_param("use_running_average", self.use_running_average,
-                                use_running_average)
+        use_ra = nn.merge_param(
+            "use_running_average", self.use_running_average, use_running_average
+        )
         c = x.shape[-1]
         ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
         ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
@@ -235,8 +251,9 @@ class BatchNorm(nn.Module):
         if use_ra:
             inv = lax.rsqrt(ra_var.value + self.epsilon) * scale
             return ((x.astype(jnp.float32) - ra_mean.value) * inv + bias).astype(dtype)
-        y, mean, var = batch_norm_train(x, scale.astype(jnp.float32), bias.astype(jnp.float32),
-                                        float(self.epsilon))
+        y, mean, var = batch_norm_train(
+            x, scale.astype(jnp.float32), bias.astype(jnp.float32), float(self.epsilon)
+        )
         if not self.is_initializing():
             ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
             ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var

@@ -3,7 +3,8 @@ fusion at V3, V4, V5, a BERT text encoder, and an FPN decoder with a 2-class hea
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -32,8 +33,9 @@ def check_backbone_name(name: str) -> None:
         raise ValueError(f"unknown backbone {name!r}; valid names: {', '.join(sorted(BACKBONES))}")
 
 
-def make_backbone(name: str, width: int, stage_sizes: tuple[int, ...], dtype: Any,
-                  fold_bn: bool = False) -> nn.Module:
+def make_backbone(
+    name: str, width: int, stage_sizes: tuple[int, ...], dtype: Any, fold_bn: bool = False
+) -> nn.Module:
     """Backbone constructor by config name; `width`/`stage_sizes` apply to ResNets only."""
     check_backbone_name(name)
     if name.startswith("resnet"):
@@ -72,10 +74,15 @@ class Segmenter(nn.Module):
                 f"attention_norm={self.attention_norm!r}; expected one of {ATTENTION_NORMS}"
             )
         self.visual = make_backbone(
-            self.backbone, self.backbone_width, self.backbone_stage_sizes, self.dtype,
+            self.backbone,
+            self.backbone_width,
+            self.backbone_stage_sizes,
+            self.dtype,
             self.fold_bn,
         )
-        self.text_encoder = Bert(self.text_config, num_layers=self.text_num_layers, dtype=self.dtype)
+        self.text_encoder = Bert(
+            self.text_config, num_layers=self.text_num_layers, dtype=self.dtype
+        )
         self.fusions = [
             VLFusion(self.fusion_dim, self.attention_norm, self.dtype, name=f"fusion_v{s}")
             for s in FUSED_STAGES
@@ -84,9 +91,7 @@ class Segmenter(nn.Module):
 
     def encode_text(self, tokens: jax.Array, token_mask: jax.Array, train: bool = False):
         """[B, L] token ids and mask -> [B, L, D] text features (stop_gradient when frozen)."""
-        t = self.text_encoder(
-            tokens, token_mask, deterministic=not (train and self.text_trainable)
-        )
+        t = self.text_encoder(tokens, token_mask, deterministic=not (train and self.text_trainable))
         return t if self.text_trainable else jax.lax.stop_gradient(t)
 
     def __call__(
