@@ -18,7 +18,8 @@ random weights, which cost the same as trained ones).
 `--peer` runs shared/bench/torch_peer.py (the same step written the PyTorch way; paper config
 only) in the same invocation at the same batch sizes, in its own virtualenv that this script
 creates on first use (benchmarks/.peer-venv: torch==2.13.0, torchvision==0.28.0 --no-deps,
-transformers), never in the project's environment. It prints one table with the JAX/PyTorch
+transformers), never in the project's environment; on a GPU machine `--peer-python python3`
+runs it with that machine's own CUDA torch instead. It prints one table with the JAX/PyTorch
 ratio per row and, as its last line, `jax/pytorch min ratio: X.XX (<row>)` over the
 throughput rows. Results: benchmarks/results/<backend>-<date>.json (or --out).
 
@@ -64,6 +65,15 @@ PEER_PACKAGES = (
     ("pillow", "transformers"),
 )
 PEER_MARKER = "rkd_peer_ready_v2.json"  # bump when PEER_PACKAGES changes
+PEER_VERSIONS = """
+import importlib.metadata as m, json
+def version(p):
+    try:
+        return m.version(p)
+    except m.PackageNotFoundError:
+        return None
+print(json.dumps({p: version(p) for p in ("torch", "torchvision", "transformers")}))
+"""
 COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 
 
@@ -88,6 +98,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="measure only these",
     )
     p.add_argument("--peer", action="store_true", help="run shared/bench/torch_peer.py too")
+    p.add_argument(
+        "--peer-python",
+        default="",
+        help="run the peer with this interpreter as it is (e.g. a GPU machine's CUDA torch) "
+        "instead of the CPU virtualenv --peer-venv",
+    )
     p.add_argument(
         "--peer-script",
         default="",
@@ -314,12 +330,13 @@ def print_census(rows: list[dict], step_seconds: float, top: int = 25) -> None:
         )
 
 
-def matmul_ceiling_tflops(n: int = 2048) -> float:
-    """TFLOP/s of an n^3 float32 matmul: this machine's practical ceiling, measured now."""
+def matmul_ceiling_tflops(n: int = 2048, dtype=None) -> float:
+    """TFLOP/s of an n^3 matmul in `dtype` (the step's compute dtype; float32 by default):
+    this machine's practical ceiling, measured now."""
     import jax
     import jax.numpy as jnp
 
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    a = jax.random.normal(jax.random.key(0), (n, n), dtype or jnp.float32)
     f = jax.jit(lambda a: a @ a)
     f(a).block_until_ready()
     best = float("inf")
@@ -539,7 +556,8 @@ def peer_script(args) -> Path:
     )
     for c in candidates:
         if c.is_file():
-            return c
+            # Absolute: the peer runs with its own folder as working directory.
+            return c.resolve()
     raise FileNotFoundError(
         "torch_peer.py not found (looked in "
         + ", ".join(map(str, candidates))
@@ -562,18 +580,27 @@ def ensure_peer_venv(venv: Path) -> Path:
             [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", *pkgs],
             check=True,
         )
-    code = (
-        "import json, importlib.metadata as m; print(json.dumps({p: m.version(p) for p in "
-        "('torch', 'torchvision', 'transformers')}))"
-    )
-    out = subprocess.run([str(python), "-c", code], check=True, capture_output=True, text=True)
-    marker.write_text(out.stdout)
+    marker.write_text(_peer_versions(python))
     return python
 
 
+def _peer_versions(python: Path) -> str:
+    """JSON of the torch, torchvision and transformers versions that `python` imports."""
+    out = subprocess.run(
+        [str(python), "-c", PEER_VERSIONS], check=True, capture_output=True, text=True
+    )
+    return out.stdout
+
+
 def run_peer(args, backend: str, out_json: Path) -> dict:
-    python = ensure_peer_venv(Path(args.peer_venv))
+    if args.peer_python:
+        python = Path(args.peer_python)
+        versions = _peer_versions(python)
+    else:
+        python = ensure_peer_venv(Path(args.peer_venv))
+        versions = (Path(args.peer_venv) / PEER_MARKER).read_text()
     script = peer_script(args)
+    out_json = out_json.resolve()  # the peer runs in its own folder
     device = "cuda" if backend == "gpu" else "cpu"
     cmd = [
         str(python),
@@ -607,12 +634,11 @@ def run_peer(args, backend: str, out_json: Path) -> dict:
     if proc.returncode:
         raise RuntimeError(f"the peer ({script}) exited with {proc.returncode}")
     results = json.loads(out_json.read_text())
-    marker = Path(args.peer_venv) / PEER_MARKER
     return {
         "command": cmd,
         "seconds": time.perf_counter() - t0,
         "results": results,
-        "versions": json.loads(marker.read_text()),
+        "versions": json.loads(versions),
         "omp_num_threads": env["OMP_NUM_THREADS"],
     }
 
@@ -683,7 +709,8 @@ def print_report(res: dict, rows: list[dict], last: str) -> None:
         f"rkd_jax {res['config']} ({res['image_size']}x{res['image_size']}, {res['max_tokens']} "
         f"tokens) on {res['backend']} ({res['device']}, {h['cpus']} cpus); load "
         f"{h['load_start'][0]:.2f} -> {h['load_end'][0]:.2f}; matmul ceiling "
-        f"{res['matmul_ceiling_tflops']:.3f} TFLOP/s; fold {res['fold_bn']}; "
+        f"{res['matmul_ceiling_tflops']:.3f} TFLOP/s ({res.get('matmul_ceiling_matmul', '')}); "
+        f"fold {res['fold_bn']}; "
         f"XLA_FLAGS={res['xla_flags']!r}"
     )
     print(f"{'row':24s} {'jax':>10s} {'pytorch':>10s} {'jax/pytorch':>12s}")
@@ -740,8 +767,11 @@ def main(argv=None) -> int:
         f"{'off' if ynn_off else 'on'}",
         flush=True,
     )
-    ceiling = matmul_ceiling_tflops(512 if args.smoke else 2048)
     w = Workload(args)
+    # The ceiling in the step's compute dtype (bf16 on GPU), big enough to fill the device.
+    ceiling_n = 512 if args.smoke else (8192 if backend == "gpu" else 2048)
+    ceiling_dtype = jax.numpy.dtype(w.dtype).name
+    ceiling = matmul_ceiling_tflops(ceiling_n, w.dtype)
     print(
         f"{args.config}: models and variables in {w.init_s:.1f}s; parameters {w.params}; "
         f"compute dtype {jax.numpy.dtype(w.dtype).name}; BatchNorm folded: {w.fold}",
@@ -788,6 +818,7 @@ def main(argv=None) -> int:
         "flags_added_by_this_run": added,
         "ynn_convolutions_off": ynn_off,
         "matmul_ceiling_tflops": ceiling,
+        "matmul_ceiling_matmul": f"{ceiling_n}^3 {ceiling_dtype}",
         "host": {
             "cpu": platform.cpu_model(),
             "cpus": os.cpu_count(),

@@ -1,5 +1,7 @@
 """The speed benchmark's smoke mode: tiny config, 2 steps, the real entry point in a subprocess."""
 
+import argparse
+import importlib.util
 import json
 import os
 import subprocess
@@ -48,3 +50,55 @@ def test_step_benchmark_smoke(tmp_path):
         "infer b8 img/s",
         "latency b1 ms (mean)",
     ]
+
+
+def test_peer_script_given_relative_is_made_absolute(tmp_path, monkeypatch):
+    # The peer runs in its own folder, so a relative --peer-script must not reach it as is.
+    spec = importlib.util.spec_from_file_location("bench_step", ROOT / "benchmarks" / "step.py")
+    step = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(step)
+    (tmp_path / "bench").mkdir()
+    (tmp_path / "bench" / "torch_peer.py").write_text("")
+    monkeypatch.chdir(tmp_path)
+    got = step.peer_script(argparse.Namespace(peer_script="bench/torch_peer.py"))
+    assert got == tmp_path / "bench" / "torch_peer.py"
+    assert got.is_absolute()
+
+
+def test_peer_runs_with_a_given_interpreter_and_relative_paths(tmp_path, monkeypatch):
+    # --peer-python (a GPU machine's own torch) and relative --peer-script / --out paths.
+    spec = importlib.util.spec_from_file_location("bench_step", ROOT / "benchmarks" / "step.py")
+    step = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(step)
+    (tmp_path / "bench").mkdir()
+    (tmp_path / "bench" / "torch_peer.py").write_text(
+        "import argparse, json\n"
+        "p = argparse.ArgumentParser()\n"
+        "for a in ('--device', '--compile', '--steps', '--out'):\n"
+        "    p.add_argument(a)\n"
+        "p.add_argument('--batch', nargs='+')\n"
+        "a = p.parse_args()\n"
+        "res = {b: {'distill_img_s': 2.0, 'student_infer_img_s': 8.0} for b in a.batch}\n"
+        "res['device'] = a.device\n"
+        "open(a.out, 'w').write(json.dumps(res))\n"
+    )
+    (tmp_path / "out").mkdir()  # step.py's main has written JAX's results there already
+    monkeypatch.chdir(tmp_path)
+    args = step.parse_args(
+        [
+            "--peer",
+            "--peer-python",
+            sys.executable,
+            "--peer-script",
+            "bench/torch_peer.py",
+            "--batch",
+            "2",
+            "8",
+        ]
+    )
+    peer = step.run_peer(args, "cpu", Path("out") / "peer.json")
+    assert peer["results"]["2"]["distill_img_s"] == 2.0
+    assert peer["results"]["device"] == "cpu"
+    assert (tmp_path / "out" / "peer.json").is_file()
+    assert peer["command"][0] == sys.executable
+    assert set(peer["versions"]) == {"torch", "torchvision", "transformers"}
