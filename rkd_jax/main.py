@@ -13,6 +13,9 @@ import sys
 
 from rkd_jax import platform
 
+if __name__ == "__main__":
+    platform.reexec_with_hugepage_malloc()
+
 _cpu_flags = (
     platform.configure_cpu_flags() if os.environ.get("JAX_PLATFORMS", "") in ("", "cpu") else []
 )
@@ -53,6 +56,7 @@ def _main(argv) -> int:
         jax.default_backend(),
     )
     log.info("XLA CPU flags added: %s", _cpu_flags or "none")
+    log.info("GLIBC_TUNABLES: %s", os.environ.get("GLIBC_TUNABLES") or "unset")
     config = FLAGS.config
     if FLAGS.mode == "train":
         train.train_and_evaluate(config, FLAGS.workdir)

@@ -1,0 +1,63 @@
+"""rkd_jax.platform: the entry point's restart with glibc's malloc on huge pages."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from rkd_jax import platform
+
+SCRIPT = """
+import os, sys
+print("start", flush=True)
+from rkd_jax import platform
+platform.reexec_with_hugepage_malloc()
+print("tunables", os.environ.get("GLIBC_TUNABLES", ""), "argv", " ".join(sys.argv[1:]))
+"""
+
+
+def _run(env_update: dict) -> list[str]:
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "RKD_JAX_KEEP_MALLOC")
+    }
+    env.update(env_update)
+    proc = subprocess.run(
+        [sys.executable, "-c", SCRIPT, "--config=x.py", "two words"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=True,
+    )
+    return proc.stdout.splitlines()
+
+
+needs_glibc = pytest.mark.skipif(
+    sys.platform != "linux" or (platform._glibc_version() or (0, 0)) < (2, 35),
+    reason="glibc.malloc.hugetlb needs Linux with glibc >= 2.35",
+)
+
+
+@needs_glibc
+def test_restarts_once_with_the_tunable_and_the_same_arguments():
+    out = _run({})
+    assert out == ["start", "start", "tunables glibc.malloc.hugetlb=1 argv --config=x.py two words"]
+
+
+@needs_glibc
+def test_keeps_other_tunables_and_respects_the_opt_outs():
+    out = _run({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"})
+    assert out[-1].startswith("tunables glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1 ")
+    assert out.count("start") == 2
+    assert _run({"RKD_JAX_KEEP_MALLOC": "1"}) == ["start", "tunables  argv --config=x.py two words"]
+    already = _run({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"})
+    assert already == ["start", "tunables glibc.malloc.hugetlb=0 argv --config=x.py two words"]
+
+
+def test_glibc_version_is_read_from_the_c_library():
+    version = platform._glibc_version()
+    if sys.platform == "linux" and os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc"):
+        assert version is not None and version >= (2, 17)
+    else:
+        assert version is None
