@@ -815,6 +815,7 @@ def main(argv=None) -> int:
         "fold_bn": w.fold,
         "parameters": w.params,
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
         "flags_added_by_this_run": added,
         "ynn_convolutions_off": ynn_off,
         "matmul_ceiling_tflops": ceiling,
@@ -851,4 +852,8 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    # The same process setting as training (python -m rkd_jax.main): malloc on huge pages.
+    from rkd_jax import platform
+
+    platform.reexec_with_hugepage_malloc()
     sys.exit(main())

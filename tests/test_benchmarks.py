@@ -33,6 +33,9 @@ def test_step_benchmark_smoke(tmp_path):
     assert res["config"] == "tiny" and res["backend"] == "cpu" and res["fold_bn"] is True
     assert res["versions"]["jax"] and res["host"]["cpus"] >= 1
     assert (platform.YNN_OFF_FLAG in res["xla_flags"]) == res["ynn_convolutions_off"]
+    if sys.platform == "linux" and (platform._glibc_version() or (0, 0)) >= (2, 35):
+        # The benchmark runs in the process setting of training (malloc on huge pages).
+        assert "glibc.malloc.hugetlb" in res["glibc_tunables"]
     kinds = [(r["kind"], r["batch"]) for r in res["jax"]]
     assert kinds == [("distill", 8), ("infer", 8), ("latency", 1)]
     for r in res["jax"]:
