@@ -45,7 +45,8 @@ usage: launch.sh [options] [--config.FIELD=VALUE ...]
   --verbose           stream every run's output (default: into <root>/logs/, tail on failure)
   --config.F=V        passed to every python -m rkd_jax.main call (e.g. --config.train.epochs=4)
 
-Environment: PYTHON (default python), JAX_COMPILATION_CACHE_DIR (default <root>/jax_cache).
+Environment: PYTHON (default python), JAX_COMPILATION_CACHE_DIR (default <root>/jax_cache),
+TEXT_CACHE_DIR (frozen text features shared by the runs; default <root>/text_cache).
 EOF
 }
 
@@ -225,6 +226,9 @@ fi
 export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-$ROOT/jax_cache}
 export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=${JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS:-0}
 export JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES=${JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES:-0}
+# So are the frozen text encoders' features of the training sentences (config.run.text_cache_dir;
+# keyed by a fingerprint of weights, config, sentences, dtype, backend and jax version).
+TEXT_CACHE_DIR=${TEXT_CACHE_DIR:-$ROOT/text_cache}
 cd "$REPO"
 
 STAGE=setup
@@ -307,7 +311,8 @@ run_main() {
 args_for() {  # RUN DATASET SEED -> ARGS
   run_spec "$1"
   ARGS=(--config="$CFG" "${COMMON[@]}" "${RUN_OVR[@]}" --config.seed="$3"
-        --config.data.dataset="$2" --config.data.eval_splits="$SPLITS_TUPLE" "${EXTRA[@]}")
+        --config.data.dataset="$2" --config.data.eval_splits="$SPLITS_TUPLE"
+        --config.run.text_cache_dir="$TEXT_CACHE_DIR" "${EXTRA[@]}")
 }
 
 # run_dir RUN DATASET SEED -> DIR, NAME. The teacher is one run per dataset (seed 0), shared by
@@ -473,7 +478,8 @@ report_stage() {
   local table="$OUT/table1.md" newer=""
   if [[ -f $table && -f $OUT/table1_miou.png ]]; then
     newer=$(find "$ROOT" "$OUT" \( -name '*.json' -o -name stage_times.tsv \) -newer "$table" \
-      -not -path '*/checkpoints/*' -not -path '*/jax_cache/*' -not -name table1.json \
+      -not -path '*/checkpoints/*' -not -path '*/jax_cache/*' -not -path '*/text_cache/*' \
+      -not -name table1.json \
       -print -quit)
     if [[ -z $newer ]]; then
       echo "skip report table1: results exist ($table)"

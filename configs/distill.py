@@ -110,6 +110,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.run = ml_collections.ConfigDict()
     c.run.compute_dtype = "auto"  # auto (bf16 on GPU, f32 on CPU) | float32 | bfloat16
     c.run.cache_text_features = True  # frozen text encoder: features once per unique sentence
+    # Directory shared by runs for those features ('' = recompute in every run); keyed by a
+    # fingerprint of encoder weights, model config, sentences, dtype, backend and jax version.
+    c.run.text_cache_dir = ""
     c.run.log_every_steps = 50  # host sync + JSONL/TensorBoard/progress logging period
     c.run.eval_every_epochs = 1  # validation (mIoU, oIoU) period, in epochs
     c.run.checkpoint_every_steps = 500  # periodic checkpoint period (also at every validation)

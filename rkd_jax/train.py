@@ -25,8 +25,8 @@ import optax
 
 from rkd_jax import checkpoint as ckpt_lib
 from rkd_jax import evaluate as eval_lib
+from rkd_jax import feature_cache, parallel, platform
 from rkd_jax import losses as loss_lib
-from rkd_jax import parallel, platform
 from rkd_jax.models import build
 from rkd_jax.models.adapter import ChannelAdapter
 from rkd_jax.optim import make_optimizer
@@ -255,6 +255,37 @@ def text_table(
     return parallel.replicate(np.concatenate(out), mesh)
 
 
+def cached_text_table(
+    config, model, model_cfg, variables, tokens: np.ndarray, mask: np.ndarray, mesh
+) -> tuple[jax.Array, bool]:
+    """`text_table`, read from / written to `config.run.text_cache_dir` when it is set.
+
+    The key fingerprints the frozen encoder's weights, the model config, the sentences'
+    tokens and masks, the compute dtype, the backend and the jax version (feature_cache).
+    Returns (table, whether it came from the cache).
+    """
+    directory = config.run.get("text_cache_dir", "")
+    if not directory:
+        return text_table(model, variables, tokens, mask, mesh), False
+    encoder = variables["params"]["text_encoder"]
+    key = feature_cache.fingerprint(
+        encoder,
+        model_cfg.to_dict(),
+        tokens,
+        mask,
+        str(config.run.compute_dtype),
+        jax.default_backend(),
+        jax.__version__,
+    )
+
+    def compute():
+        return jax.device_get(text_table(model, variables, tokens, mask, mesh))
+
+    info = {"sentences": len(tokens), "architecture": build.architecture(model_cfg)}
+    table, hit = feature_cache.load_or_compute(directory, key, compute, info)
+    return parallel.replicate(table, mesh), hit
+
+
 def meta_for(config, role: str, epoch: float) -> dict:
     model_cfg, _ = phase_configs(config, role)
     return {
@@ -389,16 +420,26 @@ def run_phase(config, run_dir: Path, role: str, mesh, teacher_vars=None) -> dict
     if need_tables:
         t0 = time.perf_counter()
         tokens, mask = pipeline.sentence_table(config.data, tokenize, config.data.train_split)
+        hits = []
         if uses_text_cache(config, model_cfg):
             # The model this phase trains is the step's "student", also for the teacher phase.
-            tables["student"] = text_table(model, {"params": state.params}, tokens, mask, mesh)
+            tables["student"], hit = cached_text_table(
+                config, model, model_cfg, {"params": state.params}, tokens, mask, mesh
+            )
+            hits.append(hit)
         if mode == "distill" and uses_text_cache(config, config.teacher):
-            tables["teacher"] = text_table(teacher, teacher_vars, tokens, mask, mesh)
+            tables["teacher"], hit = cached_text_table(
+                config, teacher, config.teacher, teacher_vars, tokens, mask, mesh
+            )
+            hits.append(hit)
         log.info(
-            "%s: text features of %d unique sentences in %.1fs",
+            "%s: text features of %d unique sentences in %.1fs (%d of %d tables from %s)",
             role,
             len(tokens),
             time.perf_counter() - t0,
+            sum(hits),
+            len(hits),
+            config.run.get("text_cache_dir", "") or "no cache",
         )
 
     step_fn = make_train_step(config, mode, tx, model, teacher)
