@@ -343,6 +343,12 @@ def test_launch_tiny_runs_every_stage_then_skips_them(tmp_path):
     assert json.loads((out / "model_report_tiny.json").read_text())[0]["params_M"] > 0
     ckpts = _checkpoints(root)
     assert len(ckpts) == len(TINY_RUNS)
+    # Frozen text features: computed once per encoder (teacher, ResNet-18 student, Lite0
+    # student), read by every later run.
+    assert len(list((root / "text_cache").glob("*.npy"))) == 3
+    for run in ("distill", "cwd", "lite0_distill"):
+        log = (root / "logs" / f"refcoco_seed0_{run}.log").read_text()
+        assert "(2 of 2 tables from" in log, run
 
     second = launch()
     assert not re.search(r"^run ", second, re.MULTILINE), second
