@@ -1,7 +1,7 @@
 """On-disk cache of frozen text features, shared by the runs of one experiment.
 
 With a frozen text encoder a run computes the features of every unique training sentence
-once (`train.text_table`). The runs of launch.sh's table use the same sentences and, per
+once (`train.text_features`). The runs of launch.sh's table use the same sentences and, per
 model, the same frozen encoder weights, so they would compute the same array dozens of
 times. `load_or_compute` stores it under a key that fingerprints everything the array
 depends on: the encoder's weights (paths, shapes, dtypes and bytes), the model config, the
@@ -32,19 +32,21 @@ log = logging.getLogger("rkd_jax")
 FORMAT = 1
 
 
+def _hash_array(h, a: np.ndarray) -> None:
+    h.update(f"{a.dtype.name}{a.shape}".encode())
+    h.update(np.ascontiguousarray(a).tobytes())
+
+
 def fingerprint(tree: Any, *parts: Any) -> str:
     """sha256 over a pytree of arrays (paths, shapes, dtypes, bytes) and JSON-able parts."""
     h = hashlib.sha256()
     h.update(f"rkd_jax.feature_cache/{FORMAT}".encode())
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        a = np.asarray(jax.device_get(leaf))
         h.update(jax.tree_util.keystr(path).encode())
-        h.update(f"{a.dtype.name}{a.shape}".encode())
-        h.update(np.ascontiguousarray(a).tobytes())
+        _hash_array(h, np.asarray(jax.device_get(leaf)))
     for part in parts:
         if isinstance(part, np.ndarray):
-            h.update(f"{part.dtype.name}{part.shape}".encode())
-            h.update(np.ascontiguousarray(part).tobytes())
+            _hash_array(h, part)
         else:
             h.update(json.dumps(part, sort_keys=True, default=str).encode())
     return h.hexdigest()
@@ -95,14 +97,12 @@ def store(directory: Path, key: str, array: np.ndarray, info: dict | None = None
 
 
 def load_or_compute(
-    directory: str | os.PathLike | None,
+    directory: str | os.PathLike,
     key: str,
     compute: Callable[[], np.ndarray],
     info: dict | None = None,
 ) -> tuple[np.ndarray, bool]:
-    """(array, hit). Without a directory this is just `compute()`."""
-    if not directory:
-        return np.asarray(compute()), False
+    """(array, whether it was read from `directory`); computed and stored on a miss."""
     directory = Path(directory)
     cached = load(directory, key)
     if cached is not None:

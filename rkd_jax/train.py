@@ -239,10 +239,10 @@ def make_tokenizer(config, roles: tuple[str, ...]):
     return fns[0][0]
 
 
-def text_table(
-    model, variables, tokens: np.ndarray, mask: np.ndarray, mesh, chunk: int = 256
-) -> jax.Array:
-    """Frozen text features of every unique sentence, [N, L, D], replicated."""
+def text_features(
+    model, variables, tokens: np.ndarray, mask: np.ndarray, chunk: int = 256
+) -> np.ndarray:
+    """Frozen text features of every unique sentence, [N, L, D], on the host."""
     encode = jax.jit(lambda v, t, m: model.apply(v, t, m, method=model.encode_text))
     out = []
     for i in range(0, len(tokens), chunk):
@@ -252,24 +252,27 @@ def text_table(
             t = np.concatenate([t, np.zeros((pad, t.shape[1]), t.dtype)])
             m = np.concatenate([m, np.repeat(m[:1], pad, 0)])
         out.append(np.asarray(encode(variables, t, m))[: chunk - pad])
-    return parallel.replicate(np.concatenate(out), mesh)
+    return np.concatenate(out)
 
 
-def cached_text_table(
+def text_table(
     config, model, model_cfg, variables, tokens: np.ndarray, mask: np.ndarray, mesh
 ) -> tuple[jax.Array, bool]:
-    """`text_table`, read from / written to `config.run.text_cache_dir` when it is set.
+    """(`text_features` replicated over `mesh`, whether they came from the on-disk cache).
 
-    The key fingerprints the frozen encoder's weights, the model config, the sentences'
-    tokens and masks, the compute dtype, the backend and the jax version (feature_cache).
-    Returns (table, whether it came from the cache).
+    With `config.run.text_cache_dir` set they are read from / written to it under a key that
+    fingerprints the frozen encoder's weights, the model config, the sentences' tokens and
+    masks, the compute dtype, the backend and the jax version (feature_cache).
     """
     directory = config.run.get("text_cache_dir", "")
+
+    def compute():
+        return text_features(model, variables, tokens, mask)
+
     if not directory:
-        return text_table(model, variables, tokens, mask, mesh), False
-    encoder = variables["params"]["text_encoder"]
+        return parallel.replicate(compute(), mesh), False
     key = feature_cache.fingerprint(
-        encoder,
+        variables["params"]["text_encoder"],
         model_cfg.to_dict(),
         tokens,
         mask,
@@ -277,10 +280,6 @@ def cached_text_table(
         jax.default_backend(),
         jax.__version__,
     )
-
-    def compute():
-        return jax.device_get(text_table(model, variables, tokens, mask, mesh))
-
     info = {"sentences": len(tokens), "architecture": build.architecture(model_cfg)}
     table, hit = feature_cache.load_or_compute(directory, key, compute, info)
     return parallel.replicate(table, mesh), hit
@@ -423,12 +422,12 @@ def run_phase(config, run_dir: Path, role: str, mesh, teacher_vars=None) -> dict
         hits = []
         if uses_text_cache(config, model_cfg):
             # The model this phase trains is the step's "student", also for the teacher phase.
-            tables["student"], hit = cached_text_table(
+            tables["student"], hit = text_table(
                 config, model, model_cfg, {"params": state.params}, tokens, mask, mesh
             )
             hits.append(hit)
         if mode == "distill" and uses_text_cache(config, config.teacher):
-            tables["teacher"], hit = cached_text_table(
+            tables["teacher"], hit = text_table(
                 config, teacher, config.teacher, teacher_vars, tokens, mask, mesh
             )
             hits.append(hit)
