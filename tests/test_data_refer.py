@@ -240,4 +240,4 @@ def test_cli_prints_counts(tiny, capsys):
     assert rows["train"] == ["1", "2", "3"]
     assert rows["testA"] == ["1", "1", "3"]
     assert rows["total"] == ["4", "5", "8"]
-    assert refer.main(["--root", str(tiny) + "-nope", "--dataset", "refcoco"]) == 1
+    assert refer.main(["--root", str(tiny) + "-nope", "--dataset", "refcoco"]) == 2

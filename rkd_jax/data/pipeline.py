@@ -53,7 +53,10 @@ def _dataset_key(data_config) -> tuple:
         "synthetic_seed",
     )
     # The cache directory is part of the key: it decides where '' (embedded) and data_dir '' go.
-    return tuple((f, data_config[f]) for f in fields) + (("cache", str(platform.cache_dir())),)
+    # Configs saved before skip_invalid_annotations existed lack the field: it was off then.
+    skip = ("skip_invalid_annotations", bool(data_config.get("skip_invalid_annotations", False)))
+    cache = ("cache", str(platform.cache_dir()))
+    return tuple((f, data_config[f]) for f in fields) + (skip, cache)
 
 
 def _builder(data_config):

@@ -11,7 +11,6 @@ Builds are serialised with a file lock, so several processes on one machine buil
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import fcntl
 import hashlib
@@ -24,7 +23,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from rkd_jax import platform
+from rkd_jax import cli, platform
 from rkd_jax.data import refer as refer_lib
 
 log = logging.getLogger(__name__)
@@ -100,19 +99,25 @@ def build(
     split_by: str,
     data_dir: str | Path,
     skip_corrupt_images: bool = False,
+    skip_invalid_annotations: bool = False,
 ):
-    """Build (once) the TFDS dataset of `refer_root` into `data_dir` -> the prepared builder."""
+    """Build (once) the TFDS dataset of `refer_root` into `data_dir` -> the prepared builder.
+
+    An invalid ref (refer.Refer's checks) fails the build naming it, or with
+    `skip_invalid_annotations` is left out and counted in the log and the dataset's metadata
+    (`skipped_refs`)."""
     import tensorflow_datasets as tfds
 
     from rkd_jax.data import tfds_builder
 
     refer_lib.check_dataset(dataset, split_by)
     data_dir = Path(data_dir)
-    b = tfds_builder.builder(data_dir, dataset, split_by, refer_root, skip_corrupt_images)
+    skips = (skip_corrupt_images, skip_invalid_annotations)
+    b = tfds_builder.builder(data_dir, dataset, split_by, refer_root, *skips)
     if b.is_prepared():
         return b
     with _file_lock(data_dir / f".{tfds_builder.config_name(dataset, split_by)}.lock"):
-        b = tfds_builder.builder(data_dir, dataset, split_by, refer_root, skip_corrupt_images)
+        b = tfds_builder.builder(data_dir, dataset, split_by, refer_root, *skips)
         if not b.is_prepared():
             start = time.perf_counter()
             tfds.disable_progress_bar()
@@ -125,8 +130,8 @@ def ensure_prepared(data_config) -> tuple[str, str]:
     """Make sure the TFDS dataset of `data_config` exists -> (tfds data_dir, 'refer_masks/<cfg>').
 
     Uses data_config.root ('' = the embedded synthetic dataset of synthetic_seed and
-    synthetic_num_images), dataset, split_by, data_dir ('' = cache_dir()/tfds) and
-    skip_corrupt_images.
+    synthetic_num_images), dataset, split_by, data_dir ('' = cache_dir()/tfds),
+    skip_corrupt_images and skip_invalid_annotations (absent = False).
     """
     from rkd_jax.data import tfds_builder
 
@@ -145,22 +150,37 @@ def ensure_prepared(data_config) -> tuple[str, str]:
         data_config.split_by,
         data_dir,
         bool(data_config.skip_corrupt_images),
+        bool(data_config.get("skip_invalid_annotations", False)),
     )
     config = tfds_builder.config_name(data_config.dataset, data_config.split_by)
     name = f"{tfds_builder.BUILDER_NAME}/{config}"
     return str(data_dir), name
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="Build the TFDS dataset (with masks) of a REFER root")
+def _main(argv: Sequence[str] | None) -> int:
+    p = cli.ArgumentParser(
+        prog="python -m rkd_jax.data.prepare",
+        description="Build the TFDS dataset (with masks) of a REFER root",
+    )
     p.add_argument("--refer-root", default="", help="REFER root; empty: the embedded dataset")
     p.add_argument("--dataset", default="refcoco", choices=sorted({d for d, _ in refer_lib.VALID}))
     p.add_argument("--split-by", default="unc", choices=sorted({s for _, s in refer_lib.VALID}))
     p.add_argument("--data-dir", default="", help="TFDS data_dir (default: the rkd_jax cache)")
     p.add_argument("--skip-corrupt-images", action="store_true")
+    p.add_argument(
+        "--skip-invalid-annotations",
+        action="store_true",
+        help="leave out (and count) refs with a broken annotation instead of failing",
+    )
     p.add_argument("--synthetic-seed", type=int, default=0)
     p.add_argument("--synthetic-num-images", type=int, default=5000)
     args = p.parse_args(argv)
+    if args.refer_root and not Path(args.refer_root).is_dir():
+        raise cli.UserError(f"--refer-root {args.refer_root}: no such directory")
+    if not args.refer_root and args.synthetic_num_images < 1:
+        raise cli.UserError(
+            f"--synthetic-num-images {args.synthetic_num_images}: expected at least 1"
+        )
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     import ml_collections
 
@@ -171,23 +191,30 @@ def main(argv: Sequence[str] | None = None) -> int:
             "split_by": args.split_by,
             "data_dir": args.data_dir,
             "skip_corrupt_images": args.skip_corrupt_images,
+            "skip_invalid_annotations": args.skip_invalid_annotations,
             "synthetic_seed": args.synthetic_seed,
             "synthetic_num_images": args.synthetic_num_images,
         }
     )
     start = time.perf_counter()
-    try:
-        data_dir, name = ensure_prepared(cfg)
-    except (OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    data_dir, name = ensure_prepared(cfg)
     from rkd_jax.data import tfds_builder
 
     b = tfds_builder.builder(data_dir, args.dataset, args.split_by)
     print(f"{name} in {data_dir} ({time.perf_counter() - start:.1f} s)")
     for split, info in sorted(b.info.splits.items()):
         print(f"  {split:<12} {info.num_examples:>8} examples")
+    skipped = b.info.metadata.get("skipped_refs") or {}
+    if skipped:
+        print(
+            f"  left out invalid refs: {', '.join(f'{n} {r}' for r, n in sorted(skipped.items()))}"
+        )
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Build the dataset; bad input: one `error:` line on stderr, exit code 2."""
+    return cli.run(_main, argv)
 
 
 if __name__ == "__main__":

@@ -76,11 +76,13 @@ class ReferMasks(tfds.core.GeneratorBasedBuilder):
         *,
         refer_root: str | Path | None = None,
         skip_corrupt_images: bool = False,
+        skip_invalid_annotations: bool = False,
         **kwargs,
     ):
         """`refer_root` is only needed to build; reading a built dataset needs only data_dir."""
         self._refer_root = None if refer_root is None else Path(refer_root)
         self._skip_corrupt_images = skip_corrupt_images
+        self._skip_invalid_annotations = skip_invalid_annotations
         kwargs.setdefault("file_format", "array_record")
         super().__init__(**kwargs)
 
@@ -126,7 +128,9 @@ class ReferMasks(tfds.core.GeneratorBasedBuilder):
                 "no refer_root was given to build it from"
             )
         cfg = self.builder_config
-        refer = refer_lib.Refer(self._refer_root, cfg.dataset, cfg.split_by)
+        refer = refer_lib.Refer(
+            self._refer_root, cfg.dataset, cfg.split_by, self._skip_invalid_annotations
+        )
         tables = {}
         for split in refer.splits:
             tables[split] = sorted({s for r in refer.refs(split) for s in r["sentences"]})
@@ -137,6 +141,7 @@ class ReferMasks(tfds.core.GeneratorBasedBuilder):
         self.info.metadata["split_by"] = cfg.split_by
         self.info.metadata["sentences"] = tables
         self.info.metadata["skipped_images"] = skipped
+        self.info.metadata["skipped_refs"] = dict(refer.skipped)
         gens = {}
         for split in refer.splits:
             if not any(r["image_id"] in images_ok for r in refer.refs(split)):
@@ -241,6 +246,7 @@ def builder(
     split_by: str,
     refer_root: str | Path | None = None,
     skip_corrupt_images: bool = False,
+    skip_invalid_annotations: bool = False,
 ) -> ReferMasks:
     """The builder of one dataset in `data_dir` (call download_and_prepare() to build it)."""
     return ReferMasks(
@@ -248,4 +254,5 @@ def builder(
         data_dir=str(data_dir),
         refer_root=refer_root,
         skip_corrupt_images=skip_corrupt_images,
+        skip_invalid_annotations=skip_invalid_annotations,
     )
