@@ -7,6 +7,12 @@ and its architecture, the validation metrics of that step). orbax writes each st
 temporary directory and renames it when complete, so a run killed at any moment, even
 during a save, resumes from the last complete checkpoint.
 
+A step directory without all three items (an interrupted copy, an emptied directory) is left
+out with a warning, and a writable Checkpointer moves it aside to `<step>.incomplete`, so the
+complete steps still load and resume. A damaged file raises CheckpointError naming it. A state
+with a NaN or infinite value is never saved (NonFiniteStateError). `RunLock` keeps a second
+process out of a run directory.
+
 From plain JAX code:
 
     from rkd_jax.checkpoint import restore
@@ -16,20 +22,52 @@ From plain JAX code:
 
 from __future__ import annotations
 
+import fcntl
 import json
+import logging
+import os
+import socket
+import time
 from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
 BEST_METRIC = "val_mIoU"
+ITEMS = ("state", "data", "meta")
+# orbax writes this file last, when it commits a step.
+COMMIT_FILE = "_CHECKPOINT_METADATA"
+INCOMPLETE_SUFFIX = ".incomplete"
+
+log = logging.getLogger(__name__)
 
 
 class CheckpointError(ValueError):
     """A path holds no usable checkpoint, or one of another architecture."""
+
+
+class NonFiniteStateError(FloatingPointError):
+    """The state to save holds NaN or infinite values: training diverged; nothing is saved."""
+
+
+def missing_parts(step_dir: Path) -> list[str]:
+    """What a step directory lacks to be a complete checkpoint ([] when complete)."""
+    parts = [f"{item}/" for item in ITEMS if not (step_dir / item).is_dir()]
+    if not (step_dir / "meta" / "metadata").is_file() and "meta/" not in parts:
+        parts.append("meta/metadata")
+    if not (step_dir / COMMIT_FILE).is_file():
+        parts.append(COMMIT_FILE)
+    return parts
+
+
+def _step_dirs(directory: Path) -> dict[int, Path]:
+    if not directory.is_dir():
+        return {}
+    return {int(p.name): p for p in directory.iterdir() if p.name.isdigit() and p.is_dir()}
 
 
 class Checkpointer:
@@ -37,6 +75,24 @@ class Checkpointer:
 
     def __init__(self, directory: str | Path, keep: int = 2, read_only: bool = False):
         self.directory = Path(directory).absolute()
+        self.incomplete: dict[int, list[str]] = {}
+        for step, path in sorted(_step_dirs(self.directory).items()):
+            lacks = missing_parts(path)
+            if not lacks:
+                continue
+            self.incomplete[step] = lacks
+            where = f"{path}: incomplete checkpoint (lacks {', '.join(lacks)})"
+            if read_only:
+                log.warning("%s: left out", where)
+                continue
+            # A directory orbax would take for a step blocks saving that step: move it aside.
+            aside = path.with_name(f"{path.name}{INCOMPLETE_SUFFIX}")
+            n = 1
+            while aside.exists():
+                n += 1
+                aside = path.with_name(f"{path.name}{INCOMPLETE_SUFFIX}{n}")
+            path.rename(aside)
+            log.warning("%s: moved to %s", where, aside.name)
         policy = pp.AnyPreservationPolicy(
             [
                 pp.LatestN(n=keep),
@@ -59,10 +115,12 @@ class Checkpointer:
         )
 
     def latest_step(self) -> int | None:
-        return self.manager.latest_step()
+        steps = self.all_steps()
+        return max(steps) if steps else None
 
     def all_steps(self) -> list[int]:
-        return list(self.manager.all_steps())
+        """The complete steps, ascending."""
+        return sorted(s for s in self.manager.all_steps() if s not in self.incomplete)
 
     def best_step(self) -> int | None:
         """Step with the highest saved validation mIoU; the latest when none has one."""
@@ -81,6 +139,16 @@ class Checkpointer:
         meta: dict,
         metrics: dict | None = None,
     ) -> None:
+        """Save one step; NonFiniteStateError (nothing written) if `state` holds NaN or inf."""
+        bad = first_non_finite(state)
+        if bad is not None:
+            last = self.latest_step()
+            raise NonFiniteStateError(
+                f"step {int(step)}: not saved: {bad} holds NaN or infinite values (training "
+                "diverged: lower the learning rate or set grad_clip_norm); the last complete "
+                f"checkpoint{'' if last is None else f' (step {last})'} in {self.directory} "
+                "is kept"
+            )
         meta = dict(meta, metrics=metrics or {})
         self.manager.save(
             int(step),
@@ -95,26 +163,65 @@ class Checkpointer:
         self.manager.wait_until_finished()
 
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict, dict]:
-        """Restore (state, data_state, meta) of `step` onto `abstract_state`'s shardings."""
-        out = self.manager.restore(
-            int(step),
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state),
-                data=ocp.args.JsonRestore(),
-                meta=ocp.args.JsonRestore(),
-            ),
-        )
+        """Restore (state, data_state, meta) of `step` onto `abstract_state`'s shardings.
+
+        CheckpointError when the saved arrays differ from `abstract_state` (another
+        architecture: the first differing parameter is named) or a file is damaged."""
+        where = self.directory / str(int(step))
+        self._check_shapes(int(step), abstract_state)
+        with _naming_damage(where):
+            out = self.manager.restore(
+                int(step),
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract_state),
+                    data=ocp.args.JsonRestore(),
+                    meta=ocp.args.JsonRestore(),
+                ),
+            )
         return out["state"], dict(out["data"] or {}), dict(out["meta"] or {})
 
+    def _check_shapes(self, step: int, abstract_state: Any) -> None:
+        with _naming_damage(self.directory / str(step) / "state"):
+            saved = self.manager.item_metadata(step)["state"]
+        saved = _shapes(saved)
+        wanted = _shapes(abstract_state)
+        if not saved:
+            return  # no readable tree metadata: the restore itself reports what differs
+        where = f"{self.directory}/{step}"
+        for key, shape in wanted.items():
+            if key not in saved:
+                raise CheckpointError(
+                    f"{where}: saved by another architecture than this config's model: it lacks "
+                    f"{key} {shape}; resume it with the config it was trained with, or use "
+                    "another run directory"
+                )
+            if saved[key] != shape:
+                raise CheckpointError(
+                    f"{where}: saved by another architecture than this config's model: {key} "
+                    f"has shape {saved[key]}, this config's model {shape}; resume it with the "
+                    "config it was trained with, or use another run directory"
+                )
+        extra = sorted(set(saved) - set(wanted))
+        if extra:
+            raise CheckpointError(
+                f"{where}: saved by another architecture than this config's model: it has "
+                f"{', '.join(extra[:3])}, which this config's model lacks; resume it with the "
+                "config it was trained with, or use another run directory"
+            )
+
     def read_meta(self, step: int) -> dict:
+        """The meta item of `step` (config, role, model, metrics); CheckpointError naming the
+        file when it is missing or not JSON."""
         path = self.directory / str(step) / "meta" / "metadata"
         try:
-            return json.loads(path.read_text())
-        except (OSError, ValueError):
-            out = self.manager.restore(
-                int(step), args=ocp.args.Composite(meta=ocp.args.JsonRestore())
-            )
-            return dict(out["meta"] or {})
+            meta = json.loads(path.read_text())
+        except OSError as e:
+            raise CheckpointError(f"{path}: cannot read the checkpoint's meta ({e})") from None
+        except ValueError as e:
+            raise CheckpointError(f"{path}: damaged checkpoint meta, not JSON ({e})") from None
+        if not isinstance(meta, dict):
+            raise CheckpointError(f"{path}: damaged checkpoint meta, expected a JSON object")
+        return meta
 
     def close(self) -> None:
         self.manager.close()
@@ -138,19 +245,55 @@ def find_checkpoint(path: str | Path) -> tuple[Path, int]:
     path = Path(path).absolute()
     if not path.exists():
         raise CheckpointError(f"{path}: no such checkpoint or run directory")
-    if (path / "meta").is_dir() and (path / "state").is_dir() and path.name.isdigit():
+    if path.name.isdigit() and not (path / "checkpoints").exists() and not _step_dirs(path):
+        lacks = missing_parts(path)
+        if lacks:
+            raise CheckpointError(f"{path}: incomplete checkpoint (lacks {', '.join(lacks)})")
         return path.parent, int(path.name)
+    incomplete = []
     for candidate in (path / "checkpoints", path):
-        if candidate.is_dir() and any(p.name.isdigit() for p in candidate.iterdir()):
+        if _step_dirs(candidate):
             ckpt = Checkpointer(candidate, read_only=True)
-            step = ckpt.best_step()
-            ckpt.close()
+            try:
+                step = ckpt.best_step()
+            finally:
+                ckpt.close()
             if step is not None:
                 return candidate, step
+            incomplete += [f"{candidate}/{s}" for s in ckpt.incomplete]
+    if incomplete:
+        raise CheckpointError(
+            f"{path}: no complete checkpoint; incomplete step directories: {', '.join(incomplete)}"
+        )
     raise CheckpointError(
         f"{path}: no checkpoint found (expected a run directory with checkpoints/<step>/, "
         "a checkpoints/ directory, or one checkpoints/<step>/ directory)"
     )
+
+
+def read_role(path: str | Path) -> str | None:
+    """The role ('teacher' or 'student') the meta of the checkpoint at `path` records."""
+    directory, step = find_checkpoint(path)
+    reader = Checkpointer(directory, read_only=True)
+    try:
+        return reader.read_meta(step).get("role")
+    finally:
+        reader.close()
+
+
+def check_role(meta: dict, expected: str, what: str) -> None:
+    """CheckpointError unless `meta` (of a checkpoint passed as `what`) records `expected`."""
+    role = meta.get("role")
+    if role != expected:
+        hint = (
+            "a distillation run keeps its teacher in <run>/teacher"
+            if expected == "teacher"
+            else "pass the student's run directory, not its teacher/ subdirectory"
+        )
+        raise CheckpointError(
+            f"{what}: this checkpoint holds the {role or 'unknown-role'} model (its meta role), "
+            f"expected the {expected}; {hint}"
+        )
 
 
 def restore(path: str | Path) -> tuple[ml_collections.ConfigDict, dict, dict]:
@@ -167,10 +310,11 @@ def restore(path: str | Path) -> tuple[ml_collections.ConfigDict, dict, dict]:
         # Without a target, arrays land on this process's first device, whatever the number
         # of devices they were saved from (a checkpoint of 8 GPUs loads on a laptop).
         fallback = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        out = ckpt.manager.restore(
-            step,
-            args=ocp.args.Composite(state=ocp.args.StandardRestore(fallback_sharding=fallback)),
-        )
+        with _naming_damage(directory / str(step) / "state"):
+            out = ckpt.manager.restore(
+                step,
+                args=ocp.args.Composite(state=ocp.args.StandardRestore(fallback_sharding=fallback)),
+            )
     finally:
         ckpt.close()
     state = out["state"]
@@ -179,3 +323,139 @@ def restore(path: str | Path) -> tuple[ml_collections.ConfigDict, dict, dict]:
     config = ml_collections.ConfigDict(meta.get("config", {}))
     meta = dict(meta, step=step, directory=str(directory))
     return config, jax.tree.map(lambda a: a, variables), meta
+
+
+def _shapes(tree: Any) -> dict[str, tuple]:
+    """{key path: shape} of a tree of arrays, ShapeDtypeStructs or orbax array metadata."""
+    if tree is None:
+        return {}
+    if hasattr(tree, "tree"):  # orbax's TreeMetadata wraps the tree
+        tree = tree.tree
+    leaves = jax.tree_util.tree_leaves_with_path(
+        tree, is_leaf=lambda x: hasattr(x, "shape") and not isinstance(x, dict)
+    )
+    return {
+        jax.tree_util.keystr(k): tuple(int(d) for d in v.shape)
+        for k, v in leaves
+        if hasattr(v, "shape") and v.shape is not None
+    }
+
+
+class _naming_damage:
+    """Within: an error reading checkpoint files becomes a CheckpointError naming `where`."""
+
+    def __init__(self, where: Path):
+        self.where = where
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, tb):
+        if error is None or isinstance(error, CheckpointError) or not isinstance(error, Exception):
+            return False
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+        raise CheckpointError(
+            f"{self.where}: damaged or unreadable checkpoint files ({type(error).__name__}: "
+            f"{first})"
+        ) from error
+
+
+@jax.jit
+def _finite_flags(tree):
+    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return [jnp.all(jnp.isfinite(x)) for x in leaves]
+
+
+def first_non_finite(state: Any) -> str | None:
+    """Key path of the first floating-point array of `state` with a NaN or inf, else None."""
+    paths = [
+        jax.tree_util.keystr(k)
+        for k, x in jax.tree_util.tree_leaves_with_path(state)
+        if jnp.issubdtype(x.dtype, jnp.inexact)
+    ]
+    flags = jax.device_get(_finite_flags(state))
+    for path, ok in zip(paths, flags):
+        if not bool(ok):
+            return path.lstrip(".")
+    return None
+
+
+def truncate_metrics(path: Path, last_step: int) -> int:
+    """Drop the rows of a metrics JSONL file whose step is after `last_step` (written after the
+    checkpoint a run resumes from, and written again by the resumed run); returns how many.
+    The file is replaced atomically; an unparsable row is kept."""
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines(keepends=True):
+        try:
+            step = json.loads(line).get("step")
+        except (ValueError, AttributeError):
+            step = None
+        if isinstance(step, (int, float)) and step > last_step:
+            dropped += 1
+            continue
+        kept.append(line if line.endswith("\n") else line + "\n")
+    if dropped:
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text("".join(kept))
+        tmp.replace(path)
+    return dropped
+
+
+class RunBusyError(CheckpointError):
+    """Another live process holds the run directory's lock."""
+
+
+class RunLock:
+    """An exclusive lock on a run directory (`<run>/.lock`, flock) for one training process.
+
+    A live holder makes `acquire` raise RunBusyError naming its pid, host and start time. The
+    kernel drops the lock of a process that died (SIGKILL included), so a lock file left by a
+    dead process is simply taken over (with a log line).
+    """
+
+    def __init__(self, run_dir: str | Path):
+        self.path = Path(run_dir).absolute() / ".lock"
+        self._file = None
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(self.path, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            f.close()
+            raise RunBusyError(
+                f"{self.path.parent}: in use by {holder} (lock {self.path}); wait for it to end, "
+                "stop it, or use another run directory"
+            ) from None
+        f.seek(0)
+        previous = f.read().strip()
+        if previous:
+            log.warning("%s: taking over the lock of %s, which has ended", self.path, previous)
+        f.seek(0)
+        f.truncate()
+        started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        f.write(f"pid {os.getpid()} on {socket.gethostname()} since {started}\n")
+        f.flush()
+        self._file = f
+
+    def release(self) -> None:
+        if self._file is not None:
+            self._file.seek(0)
+            self._file.truncate()
+            fcntl.flock(self._file, fcntl.LOCK_UN)
+            self._file.close()
+            self._file = None
+
+    def __enter__(self):
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+        return False

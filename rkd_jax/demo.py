@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from rkd_jax import cli
 from rkd_jax import predictor as predictor_lib
 
 DPI = 100
@@ -32,13 +33,6 @@ COLOURS = (
     (0.09, 0.75, 0.81),
 )
 TITLE_PT = 12
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports a usage mistake in one line (exit code 2)."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def title_lines(text: str, width_px: int, font_pt: float = TITLE_PT) -> list[str]:
@@ -72,7 +66,8 @@ def draw_mask(ax, image: np.ndarray, mask: np.ndarray, colour, alpha: float = 0.
     overlay[..., :3] = colour
     overlay[..., 3] = mask * alpha
     ax.imshow(overlay, extent=(0, w, h, 0), interpolation="nearest")
-    if mask.any() and not mask.all():
+    # contour needs a 2 x 2 grid at least: a 1-pixel-high or -wide photo gets the fill only.
+    if mask.any() and not mask.all() and min(h, w) >= 2:
         ys, xs = np.arange(h) + 0.5, np.arange(w) + 0.5
         from matplotlib import patheffects
 
@@ -135,13 +130,15 @@ def render(
             fontsize=TITLE_PT,
         )
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=DPI)
+    # format= keeps matplotlib from appending ".png" to a name without it: the file written is
+    # exactly the path reported.
+    fig.savefig(out, dpi=DPI, format="png")
     plt.close(fig)
     return fig_h, fig_w
 
 
 def parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m rkd_jax.demo", description=__doc__.split("\n\n")[0])
+    p = cli.ArgumentParser(prog="python -m rkd_jax.demo", description=__doc__.split("\n\n")[0])
     p.add_argument(
         "--checkpoint",
         required=True,
@@ -170,6 +167,10 @@ def parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> tuple[int, int]:
     if args.size < 16:
         raise predictor_lib.InputError(f"--size={args.size}: expected at least 16 pixels")
+    if Path(args.out).is_dir():
+        raise predictor_lib.InputError(
+            f"--out {args.out}: is a directory; expected a PNG file name"
+        )
     predictor_lib.check_inputs([args.image], args.text)
     model = predictor_lib.load(args.checkpoint, threshold=args.threshold, batch_size=len(args.text))
     masks = model.predict(args.image, list(args.text))
@@ -182,17 +183,17 @@ def run(args: argparse.Namespace) -> tuple[int, int]:
     return size
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _main(argv: Sequence[str] | None) -> int:
     args = parser().parse_args(argv)
     predictor_lib.configure_platform()
-    errors = predictor_lib.cli_errors()
     with predictor_lib.cli_warnings():
-        try:
-            run(args)
-        except errors as e:
-            print(f"error: {predictor_lib.one_line(e)}", file=sys.stderr)
-            return 2
+        run(args)
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The command; bad input: one `error:` line on stderr, exit code 2."""
+    return cli.run(_main, argv)
 
 
 if __name__ == "__main__":

@@ -29,8 +29,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
-import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -40,6 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rkd_jax import cli
 from rkd_jax.models.convs import native_depthwise
 
 FORMATS = ("onnx", "jax")
@@ -445,16 +446,60 @@ def backbone_normalisation(backbone: str) -> tuple[list[float], list[float]]:
     return list(IMAGENET_MEAN), list(IMAGENET_STD)
 
 
-def write_vocab(tok, text_dir: Path, out_dir: Path) -> Path:
-    """vocab.txt beside the model: the text encoder's own file, else the tokenizer's vocab."""
-    target = out_dir / "vocab.txt"
+def vocab_text(tok, text_dir: Path) -> bytes:
+    """The vocab.txt that goes beside the model: the text encoder's own file, else the
+    tokenizer's vocabulary one word piece a line, in id order."""
     source = Path(text_dir) / "vocab.txt"
     if source.is_file():
-        shutil.copyfile(source, target)
-    else:
-        vocab = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
-        target.write_text("".join(f"{w}\n" for w, _ in vocab), encoding="utf-8")
+        return source.read_bytes()
+    vocab = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
+    return "".join(f"{w}\n" for w, _ in vocab).encode("utf-8")
+
+
+def write_vocab(tok, text_dir: Path, out_dir: Path) -> Path:
+    """Write vocab.txt (`vocab_text`) into out_dir, atomically."""
+    target = out_dir / "vocab.txt"
+    write_bytes_atomic(target, vocab_text(tok, text_dir))
     return target
+
+
+def sidecar_path(path: Path) -> Path:
+    """student.onnx -> student.onnx.json"""
+    return path.with_name(path.name + ".json")
+
+
+def _temporary(path: Path) -> Path:
+    """A hidden name beside `path` (same file system: the final rename is atomic)."""
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    tmp = _temporary(path)
+    try:
+        tmp.write_bytes(data)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# A correct export differs from the Flax function by float reordering only (measured: 8e-7 for
+# ONNX, 3e-7 for jax.export, README); a thousand times that is a broken graph, not rounding.
+PARITY_MAX_PROB_DIFF = 1e-3
+PARITY_MIN_MASK_IOU = 0.99
+
+
+def check_parity(parity: dict, out: Path) -> None:
+    """ExportError unless the exported model reproduces the Flax predict function."""
+    if (
+        not parity["max_abs_prob_diff"] <= PARITY_MAX_PROB_DIFF
+        or not parity["mask_iou"] >= PARITY_MIN_MASK_IOU
+    ):
+        raise ExportError(
+            f"--out {out}: the exported model fails the parity check against the Flax predict "
+            f"function (max |prob diff| {parity['max_abs_prob_diff']:.3g}, expected <= "
+            f"{PARITY_MAX_PROB_DIFF:g}; mask IoU {parity['mask_iou']:.4f}, expected >= "
+            f"{PARITY_MIN_MASK_IOU:g}); nothing was written: try --format jax"
+        )
 
 
 def sidecar(fmt: str, out: Path, meta: dict, config, tok, batch: int | None) -> dict:
@@ -530,9 +575,7 @@ def sidecar(fmt: str, out: Path, meta: dict, config, tok, batch: int | None) -> 
 
 
 def write_json(path: Path, payload: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=_json_default))
-    tmp.replace(path)
+    write_bytes_atomic(path, json.dumps(payload, indent=2, default=_json_default).encode())
 
 
 def _json_default(x):
@@ -758,12 +801,19 @@ def export(
     latency_iters: int = 30,
     threads: int = 0,
     log: Callable[[str], None] = lambda s: None,
+    overwrite: bool = False,
 ) -> dict:
     """Export the student of `checkpoint` to `out`; returns the sidecar written beside it.
 
     Writes `out`, `<out>.json` and `vocab.txt` in out's directory. With quantize='int8' (ONNX
     only) also `<stem>.int8.onnx` and its `.json`, and the returned dict has "int8": val
     metrics (flax, float ONNX, int8 ONNX) and batch-1 CPU latency of both ONNX files.
+
+    Nothing is replaced unless `overwrite`: an existing file among those (a vocab.txt with other
+    words included) raises ExportError before any work. The model is written under a temporary
+    name and renamed to `out` only after its parity check against the Flax predict function
+    passed (PARITY_MAX_PROB_DIFF, PARITY_MIN_MASK_IOU), so a failed export leaves the previous
+    files as they were.
     """
     if fmt not in FORMATS:
         raise ExportError(f"--format {fmt!r}; expected one of {', '.join(FORMATS)}")
@@ -774,6 +824,15 @@ def export(
     out = Path(out)
     if out.is_dir():
         raise ExportError(f"--out {out}: is a directory; expected a file name like student.{fmt}")
+    targets = [out, sidecar_path(out)]
+    if quantize == "int8":
+        targets += [int8_path(out), sidecar_path(int8_path(out))]
+    existing = [str(t) for t in targets if t.exists()]
+    if existing and not overwrite:
+        raise ExportError(
+            f"--out {out}: {', '.join(existing)} already exist(s); pass --overwrite to replace "
+            "them, or choose another --out (nothing was written)"
+        )
     if fmt == "onnx":
         _require("jax2onnx")
         _require("onnxruntime")
@@ -783,6 +842,13 @@ def export(
     serve = make_serving_fn(model, variables)
     specs = input_specs(size, max_tokens, batch)
     tokenize, tok, text_dir = tokenizer_for(meta["model"])
+    vocab = vocab_text(tok, text_dir)
+    vocab_file = out.parent / "vocab.txt"
+    if vocab_file.exists() and not overwrite and vocab_file.read_bytes() != vocab:
+        raise ExportError(
+            f"--out {out}: {vocab_file} holds another vocabulary than this model's; pass "
+            "--overwrite to replace it, or export into another directory (nothing was written)"
+        )
     out.parent.mkdir(parents=True, exist_ok=True)
 
     # The Flax reference on a real photo, to record the artifact's parity at export time.
@@ -798,23 +864,29 @@ def export(
     ref_prob, ref_margin = np.asarray(ref["prob"]), np.asarray(ref["margin"])
 
     t0 = time.perf_counter()
-    if fmt == "jax":
-        data = export_jax(serve, specs, platforms)
-        out.write_bytes(data)
-        got_prob, got_margin = (np.asarray(x) for x in load_jax(out)(*photo))
-    else:
-        proto = export_onnx(serve, specs, opset)
-        import onnx
+    tmp = _temporary(out)
+    try:
+        if fmt == "jax":
+            tmp.write_bytes(export_jax(serve, specs, platforms))
+            got_prob, got_margin = (np.asarray(x) for x in load_jax(tmp)(*photo))
+        else:
+            proto = export_onnx(serve, specs, opset)
+            import onnx
 
-        onnx.save(proto, str(out))
-        got_prob, got_margin = run_onnx(onnx_session(out, threads), *photo)
+            onnx.save(proto, str(tmp))
+            got_prob, got_margin = run_onnx(onnx_session(tmp, threads), *photo)
+        parity = _parity(
+            got_prob, got_margin, ref_prob, ref_margin, f"skimage chelsea + {PARITY_SENTENCE!r}"
+        )
+        check_parity(parity, out)
+        tmp.replace(out)
+    finally:
+        tmp.unlink(missing_ok=True)
     seconds = time.perf_counter() - t0
     log(f"exported {out} ({fmt}) in {seconds:.1f}s")
 
     info = sidecar(fmt, out, meta, config, tok, batch)
-    info["parity_at_export"] = _parity(
-        got_prob, got_margin, ref_prob, ref_margin, f"skimage chelsea + {PARITY_SENTENCE!r}"
-    )
+    info["parity_at_export"] = parity
     if fmt == "jax":
         info["jax"] = {
             "platforms": list(platforms),
@@ -829,49 +901,55 @@ def export(
             "exporter": f"jax2onnx {_jax2onnx_version()}",
             "onnxruntime": ort.__version__,
         }
-    write_vocab(tok, text_dir, out.parent)
-    write_json(out.with_name(out.name + ".json"), info)
+    write_bytes_atomic(vocab_file, vocab)
+    write_json(sidecar_path(out), info)
 
     if quantize == "int8":
         qpath = int8_path(out)
         feed = batch or min(16, int(config.train.batch_size))
         reader = TrainingImages(config, tokenize, calibration_examples, feed, int(config.seed))
         t0 = time.perf_counter()
-        qinfo = quantize_int8(
-            out,
-            qpath,
-            reader,
-            quant_op_types,
-            exclude_nodes,
-            calibration_method,
-            float_text_encoder,
-        )
+        qtmp = _temporary(qpath)
+        try:
+            qinfo = quantize_int8(
+                out,
+                qtmp,
+                reader,
+                quant_op_types,
+                exclude_nodes,
+                calibration_method,
+                float_text_encoder,
+            )
+            qinfo.update(
+                compare_int8(
+                    out,
+                    qtmp,
+                    lambda i, t, m: predict(variables, i, t, m)["margin"],
+                    config,
+                    tokenize,
+                    photo,
+                    (ref_prob, ref_margin),
+                    batch,
+                    eval_split,
+                    max_eval_examples,
+                    latency_iters,
+                    threads,
+                    log,
+                ),
+                file=qpath.name,
+            )
+            qtmp.replace(qpath)
+        finally:
+            qtmp.unlink(missing_ok=True)
         log(
             f"quantised {qpath} on {reader.seen} training examples ({reader.split} split) in "
             f"{time.perf_counter() - t0:.1f}s"
         )
-        qinfo.update(
-            compare_int8(
-                out,
-                qpath,
-                lambda i, t, m: predict(variables, i, t, m)["margin"],
-                config,
-                tokenize,
-                photo,
-                (ref_prob, ref_margin),
-                batch,
-                eval_split,
-                max_eval_examples,
-                latency_iters,
-                threads,
-                log,
-            )
-        )
         qside = sidecar("onnx", qpath, meta, config, tok, batch)
         qside["quantization"] = qinfo
-        write_json(qpath.with_name(qpath.name + ".json"), qside)
+        write_json(sidecar_path(qpath), qside)
         info["int8"] = qinfo
-        write_json(out.with_name(out.name + ".json"), info)
+        write_json(sidecar_path(out), info)
     return info
 
 
@@ -952,7 +1030,7 @@ def compare_int8(
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
+    p = cli.ArgumentParser(
         prog="python -m rkd_jax.export",
         description="Export a trained student to ONNX or a serialized JAX (jax.export) artifact.",
     )
@@ -1007,45 +1085,45 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-split", default=None, help="split for the int8 report (default: val)")
     p.add_argument("--max-eval-examples", type=int, default=-1)
     p.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace existing files at --out (the model, its .json, vocab.txt, the int8 files)",
+    )
     return p.parse_args(argv)
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from rkd_jax.checkpoint import CheckpointError
-    from rkd_jax.convert.common import ConversionError
-
-    return (ExportError, CheckpointError, ConversionError, ValueError, FileNotFoundError, KeyError)
-
-
 def main(argv: list[str] | None = None) -> int:
+    """The command; bad input: one `error:` line on stderr, exit code 2."""
+    return cli.run(_main, argv)
+
+
+def _main(argv: list[str] | None) -> int:
     args = parse_args(argv)
 
     def say(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
-    try:
-        info = export(
-            args.checkpoint,
-            args.out,
-            args.fmt,
-            quantize=args.quantize,
-            batch=args.batch,
-            allow_teacher=args.allow_teacher,
-            opset=args.opset,
-            platforms=tuple(p for p in args.platforms.split(",") if p),
-            calibration_examples=args.calibration_examples,
-            calibration_method=args.calibration_method,
-            quant_op_types=tuple(t for t in args.quant_op_types.split(",") if t),
-            exclude_nodes=tuple(n for n in args.exclude_nodes.split(",") if n),
-            float_text_encoder=not args.quantize_text_encoder,
-            eval_split=args.eval_split,
-            max_eval_examples=args.max_eval_examples,
-            threads=args.threads,
-            log=say,
-        )
-    except _user_errors() as e:
-        print(f"error: {_first_line(e) if not isinstance(e, ExportError) else e}", file=sys.stderr)
-        return 2
+    info = export(
+        args.checkpoint,
+        args.out,
+        args.fmt,
+        quantize=args.quantize,
+        batch=args.batch,
+        allow_teacher=args.allow_teacher,
+        opset=args.opset,
+        platforms=tuple(p for p in args.platforms.split(",") if p),
+        calibration_examples=args.calibration_examples,
+        calibration_method=args.calibration_method,
+        quant_op_types=tuple(t for t in args.quant_op_types.split(",") if t),
+        exclude_nodes=tuple(n for n in args.exclude_nodes.split(",") if n),
+        float_text_encoder=not args.quantize_text_encoder,
+        eval_split=args.eval_split,
+        max_eval_examples=args.max_eval_examples,
+        threads=args.threads,
+        log=say,
+        overwrite=args.overwrite,
+    )
     par = info["parity_at_export"]
     print(
         f"{args.out}: {info['format']}, batch {info['batch']}, max |prob - flax| "

@@ -20,16 +20,45 @@ _cpu_flags = (
     platform.configure_cpu_flags() if os.environ.get("JAX_PLATFORMS", "") in ("", "cpu") else []
 )
 
+from pathlib import Path
+
 from absl import app, flags
 from ml_collections import config_flags
 
+from rkd_jax import cli
+
+
+def _without_traceback(message: str) -> str:
+    """absl quotes a failing config file's whole traceback: keep the words and the last line."""
+    head, sep, tail = message.partition("Traceback (most recent call last)")
+    return f"{head.strip()} {tail.strip().splitlines()[-1]}" if sep else message
+
+
+def _unknown_field(argv: list[str], error: BaseException) -> str:
+    name = str(error.args[0] if error.args else error).strip("\"'")
+    overrides = [a.split("=")[0] for a in argv if a.startswith("--config.")]
+    named = [o for o in overrides if o.split(".")[-1] == name] or overrides
+    which = named[0] if named else f"--config.{name}"
+    return (
+        f"{which}: the configuration has no field {name!r} (configs/distill.py documents every "
+        "field)"
+    )
+
+
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file(
-    "config",
-    "configs/distill.py",
-    "Config file (configs/distill.py[:variant]).",
-    lock_config=True,
-)
+try:
+    config_flags.DEFINE_config_file(
+        "config",
+        "configs/distill.py",
+        "Config file (configs/distill.py[:variant]).",
+        lock_config=True,
+    )
+except (AttributeError, KeyError) as e:
+    # ml_collections applies the command line's --config.<field> overrides to the default
+    # config here, at definition: an unknown field fails before flag parsing.
+    if __name__ != "__main__":
+        raise
+    sys.exit(cli.report(_unknown_field(sys.argv, e)))
 flags.DEFINE_string("workdir", "runs/distill", "Run directory (checkpoints, logs, results).")
 flags.DEFINE_enum("mode", "train", ["train", "eval"], "train (then evaluate) or eval only.")
 flags.DEFINE_string("coordinator_address", "", "jax.distributed coordinator host:port.")
@@ -41,11 +70,28 @@ def _main(argv) -> int:
     del argv
     import jax
 
-    from rkd_jax import parallel, train
+    from rkd_jax import checkpoint, config_check, parallel, train
 
     parallel.initialize_distributed(
         FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id
     )
+    config = FLAGS.config
+    config_check.validate_config(config)
+    workdir = Path(FLAGS.workdir).absolute()
+    role = "teacher" if config.mode == "teacher" else "student"
+    if FLAGS.mode == "eval":
+        saved = checkpoint.read_role(workdir)
+        if saved != role:
+            raise checkpoint.CheckpointError(
+                f"--workdir {workdir}: its checkpoint holds the {saved or 'unknown-role'} model, "
+                f"but config.mode={config.mode!r} evaluates the {role}"
+            )
+    for what, batch in (
+        ("config.train.batch_size", config.train.batch_size),
+        ("config.teacher_train.batch_size", config.teacher_train.batch_size),
+        ("config.run.eval_batch_size", config.run.eval_batch_size),
+    ):
+        parallel.check_batch_size(int(batch), what)
     log = logging.getLogger("rkd_jax")
     log.info("versions: %s", train.versions())
     log.info(
@@ -57,49 +103,48 @@ def _main(argv) -> int:
     )
     log.info("XLA CPU flags added: %s", _cpu_flags or "none")
     log.info("GLIBC_TUNABLES: %s", os.environ.get("GLIBC_TUNABLES") or "unset")
-    config = FLAGS.config
     if FLAGS.mode == "train":
-        train.train_and_evaluate(config, FLAGS.workdir)
+        # One training process per run directory (process 0 of a multi-process job holds it).
+        lock = checkpoint.RunLock(workdir) if jax.process_index() == 0 else None
+        if lock:
+            lock.acquire()
+        try:
+            train.train_and_evaluate(config, workdir)
+        finally:
+            if lock:
+                lock.release()
     else:
-        from pathlib import Path
-
         from rkd_jax.data import prepare
 
         prepare.ensure_prepared(config.data)
-        role = "teacher" if config.mode == "teacher" else "student"
         mesh = parallel.make_mesh()
         with train._set_mesh(mesh):
-            train.evaluate_run(
-                config, Path(FLAGS.workdir).absolute(), role, config.data.eval_splits, mesh
-            )
+            train.evaluate_run(config, workdir, role, config.data.eval_splits, mesh)
     return 0
 
 
 def main(argv) -> int:
+    """absl's main: logging set up, then the command; a user error is one line, exit code 2."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)
+    return cli.run(_main, argv)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing with the error contract: a bad flag, an unknown --config.field or a
+    config file that does not load is one `error:` line and exit code 2 (absl prints usage)."""
     try:
-        return _main(argv)
-    except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        rest = FLAGS(argv)
+        FLAGS.config  # noqa: B018 (loads the config file now, before any import or work)
+        return rest
+    except flags.Error as e:
+        sys.exit(cli.report(_without_traceback(str(e))))
+    except (AttributeError, KeyError) as e:
+        # ml_collections' answer to an override of a field the config does not have.
+        sys.exit(cli.report(_unknown_field(argv, e)))
+    except cli.user_errors() as e:
+        sys.exit(cli.report(_without_traceback(str(e))))
 
-
-def _user_errors():
-    from rkd_jax.checkpoint import CheckpointError
-    from rkd_jax.convert.common import ConversionError
-
-    return (
-        ValueError,
-        FileNotFoundError,
-        CheckpointError,
-        ConversionError,
-        KeyError,
-        FloatingPointError,
-    )
-
-
-USER_ERRORS = _user_errors()
 
 if __name__ == "__main__":
-    app.run(lambda argv: sys.exit(main(argv)))
+    app.run(lambda argv: sys.exit(main(argv)), flags_parser=parse_flags)

@@ -467,17 +467,11 @@ def load(
     return Predictor(config, model_config, role, variables, meta, batch_size, threshold, dtype)
 
 
-def cli_errors() -> tuple[type[BaseException], ...]:
-    """Exceptions that mean bad user input in the commands (one line, exit code 2)."""
-    from rkd_jax.checkpoint import CheckpointError
-    from rkd_jax.convert.common import ConversionError
-
-    return (InputError, CheckpointError, ConversionError, OSError, ValueError)
-
-
 def one_line(message: Any) -> str:
-    """A message on one line (what the commands print before exit code 2)."""
-    return " ".join(str(message).split())
+    """A message on one line (what the commands print before exit code 2): `cli.one_line`."""
+    from rkd_jax import cli
+
+    return cli.one_line(message)
 
 
 def configure_platform() -> None:

@@ -14,8 +14,9 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
-from rkd_jax import platform
+from rkd_jax import cli, platform
 
 platform.configure_cpu_flags()
 
@@ -111,7 +112,16 @@ def report(config, sizes, with_latency: bool) -> list[dict]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    """The command; bad input: one `error:` line on stderr, exit code 2."""
+    return cli.run(_main, argv)
+
+
+def _main(argv) -> int:
+    p = cli.ArgumentParser(
+        prog="python -m rkd_jax.report",
+        description=__doc__,
+        formatter_class=argparse.RawTextHelpFormatter,
+    )
     p.add_argument("--config", default="configs/distill.py", help="config file[:variant]")
     p.add_argument("--params", action="store_true", help="parameter counts only (fast)")
     p.add_argument("--latency", action="store_true", help="also measure batch-1 latency")
@@ -119,11 +129,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     from rkd_jax.config_loader import load_config_file
 
-    try:
-        config = load_config_file(args.config)
-    except (OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    config = load_config_file(args.config)
+    if args.json and Path(args.json).is_dir():
+        raise cli.UserError(f"--json {args.json}: is a directory; expected a file name")
     sizes = [(int(config.data.image_size), int(config.data.max_tokens))]
     if args.params:
         from rkd_jax.models import build

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from rkd_jax import cli
+
 # Row order of Table I; the run directory names are the ones launch.sh writes.
 ROWS: tuple[tuple[str, str], ...] = (
     ("teacher", "teacher"),
@@ -718,8 +720,15 @@ def build(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    """The command; bad input: one `error:` line on stderr, exit code 2."""
+    return cli.run(_main, argv)
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    p = cli.ArgumentParser(
+        prog="python -m rkd_jax.table",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--root", default="runs/table1", help="launch.sh run root")
     p.add_argument("--out", default="results", help="output directory")
@@ -733,11 +742,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--datasets", nargs="+", default=None, help="columns: datasets")
     p.add_argument("--splits", nargs="+", default=None, help="columns: splits")
     args = p.parse_args(argv)
-    try:
-        payload = build(Path(args.root), Path(args.out), args.seeds, args.datasets, args.splits)
-    except TableError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if args.seeds is not None and args.seeds < 1:
+        raise TableError(f"--seeds {args.seeds}: expected a positive number of seeds")
+    payload = build(Path(args.root), Path(args.out), args.seeds, args.datasets, args.splits)
     out = Path(args.out)
     print(
         f"wrote {out / 'table1.md'}, {out / 'table1.json'}, {out / 'table1_miou.png'} "

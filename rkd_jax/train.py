@@ -306,6 +306,7 @@ def versions() -> dict:
 def load_teacher(config, path: str, mesh) -> dict:
     """Teacher variables from a checkpoint, checked against config.teacher's architecture."""
     _, variables, meta = ckpt_lib.restore(path)
+    ckpt_lib.check_role(meta, "teacher", f"teacher checkpoint {path}")
     expected = build.architecture(config.teacher)
     saved = meta.get("architecture")
     if saved is not None and _normalise(saved) != _normalise(expected):
@@ -443,6 +444,9 @@ def run_phase(config, run_dir: Path, role: str, mesh, teacher_vars=None) -> dict
 
     step_fn = make_train_step(config, mode, tx, model, teacher)
     predict_fn = eval_lib.make_predict_fn(model, float(config.run.threshold))
+    if jax.process_index() == 0:
+        # Rows logged after the checkpoint we resume from are logged again by this run.
+        ckpt_lib.truncate_metrics(run_dir / "metrics.jsonl", start)
     writer = MetricWriter(run_dir)
     eval_every = max(1, round(config.run.eval_every_epochs * steps_per_epoch))
 

@@ -28,8 +28,9 @@ from pathlib import Path
 
 import numpy as np
 
+from rkd_jax import cli
 from rkd_jax import predictor as predictor_lib
-from rkd_jax.demo import DPI, _Parser
+from rkd_jax.demo import DPI
 
 STAGES = ("V3", "V4", "V5")
 STRIDES = (8, 16, 32)
@@ -273,7 +274,7 @@ def channel_figure(
 
 
 def parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m rkd_jax.visualize", description=__doc__.split("\n\n")[0])
+    p = cli.ArgumentParser(prog="python -m rkd_jax.visualize", description=__doc__.split("\n\n")[0])
     p.add_argument("--teacher", required=True, help="teacher run or checkpoint directory")
     p.add_argument("--student", required=True, help="distilled student run or checkpoint")
     p.add_argument(
@@ -290,6 +291,23 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_role(name: str, model) -> None:
+    """InputError unless the checkpoint passed as `name` holds that model: the teacher for
+    "teacher", a student for the others (the role its meta records)."""
+    expected = "teacher" if name == "teacher" else "student"
+    if model.role != expected:
+        flag = {"teacher": "--teacher", "student before": "--student-before"}.get(name, "--student")
+        hint = (
+            "a distillation run keeps its teacher in <run>/teacher"
+            if expected == "teacher"
+            else "pass the student's run, not its teacher/ subdirectory"
+        )
+        raise predictor_lib.InputError(
+            f"{flag} {model.checkpoint}: this checkpoint holds the {model.role} model (its meta "
+            f"role), expected the {expected}; {hint}"
+        )
+
+
 def run(args: argparse.Namespace) -> dict[str, Path]:
     if args.cell < 16:
         raise predictor_lib.InputError(f"--cell={args.cell}: expected at least 16 pixels")
@@ -301,7 +319,10 @@ def run(args: argparse.Namespace) -> dict[str, Path]:
             "student before": args.student_before,
             "student after": args.student,
         }
-    models = {name: predictor_lib.load(path, batch_size=1) for name, path in paths.items()}
+    models = {}
+    for name, path in paths.items():
+        models[name] = predictor_lib.load(path, batch_size=1)
+        check_role(name, models[name])
     attentions = {name: m.attention(args.image, args.text) for name, m in models.items()}
     image, _ = predictor_lib.read_image(args.image)
     out_dir = Path(args.out_dir)
@@ -322,17 +343,17 @@ def run(args: argparse.Namespace) -> dict[str, Path]:
     return written
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _main(argv: Sequence[str] | None) -> int:
     args = parser().parse_args(argv)
     predictor_lib.configure_platform()
-    errors = predictor_lib.cli_errors()
     with predictor_lib.cli_warnings():
-        try:
-            run(args)
-        except errors as e:
-            print(f"error: {predictor_lib.one_line(e)}", file=sys.stderr)
-            return 2
+        run(args)
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The command; bad input: one `error:` line on stderr, exit code 2."""
+    return cli.run(_main, argv)
 
 
 if __name__ == "__main__":

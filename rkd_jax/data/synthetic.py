@@ -22,7 +22,6 @@ language-blind predictors to show the expressions are needed and sufficient.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import io
 import json
@@ -36,6 +35,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+
+from rkd_jax import cli
 
 # Bump when the generated data changes for a given seed, so caches of older output are redone.
 GENERATOR_VERSION = 2
@@ -437,6 +438,15 @@ def _family(q: Query) -> str:
     if q.shape is None:
         return "colour_only"
     return "shape_only" if q.colour is None else "colour_shape"
+
+
+def expression_family(sentence: str) -> str:
+    """The family (one of FAMILIES) of an expression of this grammar, read back by the parser.
+
+    The parser inverts `realize`, so this is the family the generator drew the expression
+    from; evaluation uses it to score the embedded data per family.
+    """
+    return _family(parse_expression(sentence))
 
 
 def anchor_queries(objects: Sequence[SceneObject]) -> list[list[Query]]:
@@ -1084,25 +1094,55 @@ def _assemble(out_dir: Path, image_dir: Path, seed: int, results) -> dict:
     return summary
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def _main(argv: Sequence[str] | None) -> int:
+    p = cli.ArgumentParser(
+        prog="python -m rkd_jax.data.synthetic", description=__doc__.split("\n")[0]
+    )
     p.add_argument("--out", required=True, help="output root (REFER layout)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-images", type=int, default=5000)
     p.add_argument("--sentences-per-object", type=int, default=2)
     p.add_argument("--workers", type=int, default=None, help="generation processes")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="write into an --out directory that already holds files (they are replaced)",
+    )
     args = p.parse_args(argv)
+    for flag, value in (
+        ("--num-images", args.num_images),
+        ("--sentences-per-object", args.sentences_per_object),
+        ("--workers", 1 if args.workers is None else args.workers),
+    ):
+        if value < 1:
+            raise cli.UserError(f"{flag} {value}: expected a positive integer")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise cli.UserError(f"--out {out}: is a file; expected a directory (the REFER root)")
+    if out.is_dir() and not args.overwrite:
+        held = sorted(p.name for p in out.iterdir())
+        if held:
+            raise cli.UserError(
+                f"--out {out}: already holds {', '.join(held[:3])}{' ...' if len(held) > 3 else ''}"
+                "; its instances.json, refs pickles and images would be replaced: pass "
+                "--overwrite, or choose an empty or new directory"
+            )
     start = time.perf_counter()
     summary = generate(
-        args.out,
+        out,
         seed=args.seed,
         num_images=args.num_images,
         sentences_per_object=args.sentences_per_object,
         workers=args.workers,
     )
     print(json.dumps(summary, indent=1))
-    print(f"wrote {args.out} in {time.perf_counter() - start:.1f} s")
+    print(f"wrote {out} in {time.perf_counter() - start:.1f} s")
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Generate the dataset into --out; bad input: one `error:` line on stderr, exit code 2."""
+    return cli.run(_main, argv)
 
 
 if __name__ == "__main__":
