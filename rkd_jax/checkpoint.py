@@ -75,14 +75,15 @@ class Checkpointer:
 
     def __init__(self, directory: str | Path, keep: int = 2, read_only: bool = False):
         self.directory = Path(directory).absolute()
+        # Steps left out (read-only; a writable Checkpointer moves them aside): what they lack.
         self.incomplete: dict[int, list[str]] = {}
         for step, path in sorted(_step_dirs(self.directory).items()):
             lacks = missing_parts(path)
             if not lacks:
                 continue
-            self.incomplete[step] = lacks
             where = f"{path}: incomplete checkpoint (lacks {', '.join(lacks)})"
             if read_only:
+                self.incomplete[step] = lacks
                 log.warning("%s: left out", where)
                 continue
             # A directory orbax would take for a step blocks saving that step: move it aside.
@@ -181,33 +182,36 @@ class Checkpointer:
         return out["state"], dict(out["data"] or {}), dict(out["meta"] or {})
 
     def _check_shapes(self, step: int, abstract_state: Any) -> None:
-        with _naming_damage(self.directory / str(step) / "state"):
-            saved = self.manager.item_metadata(step)["state"]
-        saved = _shapes(saved)
-        wanted = _shapes(abstract_state)
-        if not saved:
-            return  # no readable tree metadata: the restore itself reports what differs
+        """CheckpointError naming the first parameter whose saved shape differs."""
+        from etils import epath
+
+        state_dir = self.directory / str(step) / "state"
+        with _naming_damage(state_dir):
+            saved = ocp.StandardCheckpointHandler().metadata(epath.Path(state_dir))
+        saved = getattr(saved, "tree", saved)
         where = f"{self.directory}/{step}"
-        for key, shape in wanted.items():
-            if key not in saved:
+        advice = "resume it with the config it was trained with, or use another run directory"
+        for part in ("params", "batch_stats"):
+            have, want = _shapes(_item(saved, part)), _shapes(_item(abstract_state, part))
+            for key, shape in want.items():
+                if key not in have:
+                    raise CheckpointError(
+                        f"{where}: saved by another architecture than this config's model: it "
+                        f"lacks {part}/{key} {shape}; {advice}"
+                    )
+                if have[key] != shape:
+                    raise CheckpointError(
+                        f"{where}: saved by another architecture than this config's model: "
+                        f"{part}/{key} has shape {have[key]}, this config's model {shape}; "
+                        f"{advice}"
+                    )
+            extra = sorted(set(have) - set(want))
+            if extra:
                 raise CheckpointError(
-                    f"{where}: saved by another architecture than this config's model: it lacks "
-                    f"{key} {shape}; resume it with the config it was trained with, or use "
-                    "another run directory"
+                    f"{where}: saved by another architecture than this config's model: it has "
+                    f"{', '.join(f'{part}/{k}' for k in extra[:3])}, which this config's model "
+                    f"lacks; {advice}"
                 )
-            if saved[key] != shape:
-                raise CheckpointError(
-                    f"{where}: saved by another architecture than this config's model: {key} "
-                    f"has shape {saved[key]}, this config's model {shape}; resume it with the "
-                    "config it was trained with, or use another run directory"
-                )
-        extra = sorted(set(saved) - set(wanted))
-        if extra:
-            raise CheckpointError(
-                f"{where}: saved by another architecture than this config's model: it has "
-                f"{', '.join(extra[:3])}, which this config's model lacks; resume it with the "
-                "config it was trained with, or use another run directory"
-            )
 
     def read_meta(self, step: int) -> dict:
         """The meta item of `step` (config, role, model, metrics); CheckpointError naming the
@@ -271,14 +275,16 @@ def find_checkpoint(path: str | Path) -> tuple[Path, int]:
     )
 
 
-def read_role(path: str | Path) -> str | None:
-    """The role ('teacher' or 'student') the meta of the checkpoint at `path` records."""
+def check_checkpoint_role(path: str | Path, expected: str, what: str) -> None:
+    """CheckpointError unless the checkpoint at `path` (passed as `what`) records `expected`
+    as its role; reads only its small meta item."""
     directory, step = find_checkpoint(path)
     reader = Checkpointer(directory, read_only=True)
     try:
-        return reader.read_meta(step).get("role")
+        meta = reader.read_meta(step)
     finally:
         reader.close()
+    check_role(meta, expected, f"{what} ({directory}/{step})")
 
 
 def check_role(meta: dict, expected: str, what: str) -> None:
@@ -325,19 +331,31 @@ def restore(path: str | Path) -> tuple[ml_collections.ConfigDict, dict, dict]:
     return config, jax.tree.map(lambda a: a, variables), meta
 
 
+def _item(tree: Any, name: str) -> Any:
+    """`tree[name]` of a dict, `tree.name` of a TrainState; None when absent."""
+    if isinstance(tree, dict):
+        return tree.get(name)
+    return getattr(tree, name, None)
+
+
+def _key_name(entry) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(entry, attr):
+            return str(getattr(entry, attr))
+    return str(entry)
+
+
 def _shapes(tree: Any) -> dict[str, tuple]:
-    """{key path: shape} of a tree of arrays, ShapeDtypeStructs or orbax array metadata."""
+    """{'a/b/kernel': shape} of a tree of arrays, ShapeDtypeStructs or orbax array metadata."""
     if tree is None:
         return {}
-    if hasattr(tree, "tree"):  # orbax's TreeMetadata wraps the tree
-        tree = tree.tree
     leaves = jax.tree_util.tree_leaves_with_path(
         tree, is_leaf=lambda x: hasattr(x, "shape") and not isinstance(x, dict)
     )
     return {
-        jax.tree_util.keystr(k): tuple(int(d) for d in v.shape)
-        for k, v in leaves
-        if hasattr(v, "shape") and v.shape is not None
+        "/".join(_key_name(e) for e in path): tuple(int(d) for d in leaf.shape)
+        for path, leaf in leaves
+        if getattr(leaf, "shape", None) is not None
     }
 
 

@@ -151,11 +151,13 @@ def _check_data(get) -> None:
 
 
 def _check_distill(get) -> None:
-    from rkd_jax.losses import CHANNEL_NORMS, SEG_LOSS_KINDS, VALID_METHODS
+    from rkd_jax import losses
 
-    method = _one_of(get, "distill.method", VALID_METHODS)
-    _one_of(get, "distill.channel_norm", CHANNEL_NORMS)
-    _one_of(get, "distill.seg_loss", SEG_LOSS_KINDS)
+    aliases = getattr(losses, "METHOD_ALIASES", {})
+    method = _one_of(get, "distill.method", (*losses.VALID_METHODS, *aliases))
+    method = aliases.get(method, method)
+    _one_of(get, "distill.channel_norm", losses.CHANNEL_NORMS)
+    _one_of(get, "distill.seg_loss", losses.SEG_LOSS_KINDS)
     for field in ("lambda_vl", "lambda_channel", "kd_weight", "skd_weight", "cwd_weight"):
         _float_in(get, f"distill.{field}", 0.0)
     _float_in(get, "distill.ickd_weight", 0.0)
@@ -164,7 +166,7 @@ def _check_distill(get) -> None:
     _float_in(get, "distill.skd_pool_scale", 0.0, 1.0)
     if (
         get("mode") == "distill"
-        and method == "rkd"
+        and method == getattr(losses, "PAPER_METHOD", "rkd")
         and get("distill.lambda_channel") > 0
         and get("teacher.fpn_dim") != get("student.fpn_dim")
     ):
@@ -210,21 +212,8 @@ def validate_config(config) -> None:
     _check_distill(get)
     _check_run(get)
     if mode == "distill" and teacher_checkpoint:
-        check_checkpoint_role(teacher_checkpoint, "teacher", "config.teacher_checkpoint")
+        from rkd_jax import checkpoint as ckpt_lib
 
-
-def check_checkpoint_role(path: str | Path, role: str, what: str) -> None:
-    """UserError unless the checkpoint at `path` records `role` in its meta."""
-    from rkd_jax import checkpoint as ckpt_lib
-
-    saved = ckpt_lib.read_role(path)
-    if saved != role:
-        hint = (
-            "a distillation run keeps its teacher in <run>/teacher"
-            if role == "teacher"
-            else "pass the student's run directory, not its teacher/ subdirectory"
-        )
-        raise UserError(
-            f"{what}={str(path)!r}: this checkpoint holds the {saved or 'unknown-role'} model "
-            f"(its meta role), expected the {role}; {hint}"
+        ckpt_lib.check_checkpoint_role(
+            teacher_checkpoint, "teacher", f"config.teacher_checkpoint={teacher_checkpoint!r}"
         )

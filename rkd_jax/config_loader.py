@@ -13,6 +13,10 @@ def load_config_file(spec: str):
     if not file.is_file():
         raise FileNotFoundError(f"config file {file}: not found (expected e.g. configs/distill.py)")
     module_spec = importlib.util.spec_from_file_location(f"rkd_config_{file.stem}", file)
+    if module_spec is None:
+        raise ValueError(
+            f"config file {file}: not a Python file (expected e.g. configs/distill.py)"
+        )
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
     if not hasattr(module, "get_config"):

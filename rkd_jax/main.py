@@ -80,12 +80,9 @@ def _main(argv) -> int:
     workdir = Path(FLAGS.workdir).absolute()
     role = "teacher" if config.mode == "teacher" else "student"
     if FLAGS.mode == "eval":
-        saved = checkpoint.read_role(workdir)
-        if saved != role:
-            raise checkpoint.CheckpointError(
-                f"--workdir {workdir}: its checkpoint holds the {saved or 'unknown-role'} model, "
-                f"but config.mode={config.mode!r} evaluates the {role}"
-            )
+        checkpoint.check_checkpoint_role(
+            workdir, role, f"--workdir {workdir} with config.mode={config.mode!r}"
+        )
     for what, batch in (
         ("config.train.batch_size", config.train.batch_size),
         ("config.teacher_train.batch_size", config.teacher_train.batch_size),

@@ -292,20 +292,13 @@ def parser() -> argparse.ArgumentParser:
 
 
 def check_role(name: str, model) -> None:
-    """InputError unless the checkpoint passed as `name` holds that model: the teacher for
+    """CheckpointError unless the checkpoint passed as `name` holds that model: the teacher for
     "teacher", a student for the others (the role its meta records)."""
+    from rkd_jax.checkpoint import check_role as check_meta_role
+
+    flag = {"teacher": "--teacher", "student before": "--student-before"}.get(name, "--student")
     expected = "teacher" if name == "teacher" else "student"
-    if model.role != expected:
-        flag = {"teacher": "--teacher", "student before": "--student-before"}.get(name, "--student")
-        hint = (
-            "a distillation run keeps its teacher in <run>/teacher"
-            if expected == "teacher"
-            else "pass the student's run, not its teacher/ subdirectory"
-        )
-        raise predictor_lib.InputError(
-            f"{flag} {model.checkpoint}: this checkpoint holds the {model.role} model (its meta "
-            f"role), expected the {expected}; {hint}"
-        )
+    check_meta_role(model.meta, expected, f"{flag} {model.checkpoint}")
 
 
 def run(args: argparse.Namespace) -> dict[str, Path]:

@@ -122,6 +122,9 @@ def build(
             start = time.perf_counter()
             tfds.disable_progress_bar()
             b.download_and_prepare()
+    # Bad REFER files are refused before TFDS writes anything into data_dir (the builder reads
+    # them again: a one-time cost of the build).
+    refer_lib.Refer(refer_root, dataset, split_by, skip_invalid_annotations)
             log.info("built %s in %.1f s", b.data_dir, time.perf_counter() - start)
     return tfds_builder.builder(data_dir, dataset, split_by)
 
