@@ -63,6 +63,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 
     c.data = ml_collections.ConfigDict()
     c.data.root = ""  # REFER root (instances.json, refs(*).p, images/...); "" = embedded data
+    c.data.image_dir = ""  # COCO train2014 images kept apart from root; "" = under root/images
     c.data.dataset = "refcoco"  # refcoco | refcoco+ | refcocog
     c.data.split_by = "unc"  # unc (refcoco, refcoco+) | umd, google (refcocog)
     c.data.train_split = "train"  # split the models train on

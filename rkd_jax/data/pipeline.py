@@ -13,8 +13,8 @@ sentence once; the last batch is padded, with `valid` False on padding rows.
 The iterators (`BatchIterator`) load with grain; `get_state()` / `set_state(state)` resume at the
 exact next batch. `num_workers` > 0 runs the loading in that many grain worker processes.
 
-Fields of `data_config` used here: root, dataset, split_by, train_split, data_dir, image_size,
-max_tokens, num_workers, skip_corrupt_images, synthetic_num_images, synthetic_seed.
+Fields of `data_config` used here: root, image_dir, dataset, split_by, train_split, data_dir,
+image_size, max_tokens, num_workers, skip_corrupt_images, synthetic_num_images, synthetic_seed.
 """
 
 from __future__ import annotations
@@ -55,8 +55,9 @@ def _dataset_key(data_config) -> tuple:
     # The cache directory is part of the key: it decides where '' (embedded) and data_dir '' go.
     # Configs saved before skip_invalid_annotations existed lack the field: it was off then.
     skip = ("skip_invalid_annotations", bool(data_config.get("skip_invalid_annotations", False)))
+    images = ("image_dir", str(data_config.get("image_dir", "")))
     cache = ("cache", str(platform.cache_dir()))
-    return tuple((f, data_config[f]) for f in fields) + (skip, cache)
+    return tuple((f, data_config[f]) for f in fields) + (skip, images, cache)
 
 
 def _builder(data_config):

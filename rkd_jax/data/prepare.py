@@ -89,7 +89,11 @@ def source_key(root: str | Path, data_config=None) -> str:
         seed, n = data_config.synthetic_seed, data_config.synthetic_num_images
         return f"synthetic-v{synthetic.GENERATOR_VERSION}-{seed}-{n}"
     resolved = Path(root).resolve()
-    digest = hashlib.sha1(str(resolved).encode()).hexdigest()[:10]
+    key = str(resolved)
+    image_dir = data_config.get("image_dir", "") if data_config is not None else ""
+    if image_dir:  # the same annotations over another image directory are another dataset
+        key += "\n" + str(Path(image_dir).resolve())
+    digest = hashlib.sha1(key.encode()).hexdigest()[:10]
     return f"{resolved.name or 'root'}-{digest}"
 
 
@@ -100,8 +104,10 @@ def build(
     data_dir: str | Path,
     skip_corrupt_images: bool = False,
     skip_invalid_annotations: bool = False,
+    image_dir: str | Path = "",
 ):
     """Build (once) the TFDS dataset of `refer_root` into `data_dir` -> the prepared builder.
+    The images are read from `image_dir` ('' = `<refer_root>/images/mscoco/images/train2014`).
 
     An invalid ref (refer.Refer's checks) fails the build naming it, or with
     `skip_invalid_annotations` is left out and counted in the log and the dataset's metadata
@@ -112,19 +118,19 @@ def build(
 
     refer_lib.check_dataset(dataset, split_by)
     data_dir = Path(data_dir)
-    skips = (skip_corrupt_images, skip_invalid_annotations)
+    skips = (skip_corrupt_images, skip_invalid_annotations, image_dir or None)
     b = tfds_builder.builder(data_dir, dataset, split_by, refer_root, *skips)
     if b.is_prepared():
         return b
+    # Bad REFER files are refused before TFDS writes anything into data_dir (the builder reads
+    # them again: a one-time cost of the build).
+    refer_lib.Refer(refer_root, dataset, split_by, skip_invalid_annotations)
     with _file_lock(data_dir / f".{tfds_builder.config_name(dataset, split_by)}.lock"):
         b = tfds_builder.builder(data_dir, dataset, split_by, refer_root, *skips)
         if not b.is_prepared():
             start = time.perf_counter()
             tfds.disable_progress_bar()
             b.download_and_prepare()
-    # Bad REFER files are refused before TFDS writes anything into data_dir (the builder reads
-    # them again: a one-time cost of the build).
-    refer_lib.Refer(refer_root, dataset, split_by, skip_invalid_annotations)
             log.info("built %s in %.1f s", b.data_dir, time.perf_counter() - start)
     return tfds_builder.builder(data_dir, dataset, split_by)
 
@@ -133,8 +139,9 @@ def ensure_prepared(data_config) -> tuple[str, str]:
     """Make sure the TFDS dataset of `data_config` exists -> (tfds data_dir, 'refer_masks/<cfg>').
 
     Uses data_config.root ('' = the embedded synthetic dataset of synthetic_seed and
-    synthetic_num_images), dataset, split_by, data_dir ('' = cache_dir()/tfds),
-    skip_corrupt_images and skip_invalid_annotations (absent = False).
+    synthetic_num_images), image_dir ('' = the root's images/mscoco/images/train2014), dataset,
+    split_by, data_dir ('' = cache_dir()/tfds), skip_corrupt_images and skip_invalid_annotations
+    (absent = False).
     """
     from rkd_jax.data import tfds_builder
 
@@ -154,6 +161,7 @@ def ensure_prepared(data_config) -> tuple[str, str]:
         data_dir,
         bool(data_config.skip_corrupt_images),
         bool(data_config.get("skip_invalid_annotations", False)),
+        data_config.get("image_dir", "") if data_config.root else "",
     )
     config = tfds_builder.config_name(data_config.dataset, data_config.split_by)
     name = f"{tfds_builder.BUILDER_NAME}/{config}"
@@ -168,6 +176,9 @@ def _main(argv: Sequence[str] | None) -> int:
     p.add_argument("--refer-root", default="", help="REFER root; empty: the embedded dataset")
     p.add_argument("--dataset", default="refcoco", choices=sorted({d for d, _ in refer_lib.VALID}))
     p.add_argument("--split-by", default="unc", choices=sorted({s for _, s in refer_lib.VALID}))
+    p.add_argument(
+        "--image-dir", default="", help="COCO train2014 images (default: under the REFER root)"
+    )
     p.add_argument("--data-dir", default="", help="TFDS data_dir (default: the rkd_jax cache)")
     p.add_argument("--skip-corrupt-images", action="store_true")
     p.add_argument(
@@ -190,6 +201,7 @@ def _main(argv: Sequence[str] | None) -> int:
     cfg = ml_collections.ConfigDict(
         {
             "root": args.refer_root,
+            "image_dir": args.image_dir,
             "dataset": args.dataset,
             "split_by": args.split_by,
             "data_dir": args.data_dir,

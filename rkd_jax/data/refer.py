@@ -2,7 +2,7 @@
 
     <root>/<dataset>/instances.json          COCO images, annotations (polygons or RLE), categories
     <root>/<dataset>/refs(<split_by>).p      pickled list of refs
-    <root>/images/mscoco/images/train2014/   the COCO train2014 images
+    <root>/images/mscoco/images/train2014/   the COCO train2014 images (or any `image_dir`)
 
 The refs file is a pickle, so it is read with an unpickler that only builds plain containers and
 scalars: a file that names any class or function (which is how a pickle runs code) is rejected
@@ -97,16 +97,29 @@ class Refer:
 
     Every ref is validated as it is read (see the module docstring); `skip_invalid=True` leaves
     the refs that fail out, counted by reason in `skipped` and listed in `skipped_refs`
-    (ref_id, reason) instead of raising.
+    (ref_id, reason) instead of raising. `image_dir` holds the COCO train2014 images when they
+    are kept apart from the annotations (default: `<root>/images/mscoco/images/train2014`).
     """
 
-    def __init__(self, root: str | Path, dataset: str, split_by: str, skip_invalid: bool = False):
+    def __init__(
+        self,
+        root: str | Path,
+        dataset: str,
+        split_by: str,
+        skip_invalid: bool = False,
+        image_dir: str | Path | None = None,
+    ):
         check_dataset(dataset, split_by)
         self.root = Path(root)
         self.dataset = dataset
         self.split_by = split_by
         self.splits = VALID[(dataset, split_by)]
-        self.image_dir = self.root / IMAGE_SUBDIR
+        self.image_dir = Path(image_dir) if image_dir else self.root / IMAGE_SUBDIR
+        if image_dir and not self.image_dir.is_dir():
+            raise FileNotFoundError(
+                f"{self.image_dir}: image directory does not exist (data.image_dir: expected the "
+                "COCO train2014 images)"
+            )
         instances_file = self.root / dataset / "instances.json"
         refs_file = self.root / dataset / f"refs({split_by}).p"
         self.instances_file, self.refs_file = instances_file, refs_file
@@ -495,14 +508,22 @@ def segmentation_to_mask(segmentation, height: int, width: int, where: str = "")
 
 
 @functools.lru_cache(maxsize=4)
-def _cached(root: str, dataset: str, split_by: str, skip_invalid: bool) -> Refer:
-    return Refer(root, dataset, split_by, skip_invalid)
+def _cached(root: str, dataset: str, split_by: str, skip_invalid: bool, image_dir: str) -> Refer:
+    return Refer(root, dataset, split_by, skip_invalid, image_dir or None)
 
 
-def load_refer(root: str | Path, dataset: str, split_by: str, skip_invalid: bool = False) -> Refer:
-    """Read `<root>/<dataset>` split by `split_by` (cached per process)."""
+def load_refer(
+    root: str | Path,
+    dataset: str,
+    split_by: str,
+    skip_invalid: bool = False,
+    image_dir: str | Path = "",
+) -> Refer:
+    """Read `<root>/<dataset>` split by `split_by` (cached per process); images from
+    `image_dir` ('' = `<root>/images/mscoco/images/train2014`)."""
     check_dataset(dataset, split_by)
-    return _cached(str(Path(root).resolve()), dataset, split_by, bool(skip_invalid))
+    images = str(Path(image_dir).resolve()) if image_dir else ""
+    return _cached(str(Path(root).resolve()), dataset, split_by, bool(skip_invalid), images)
 
 
 def _main(argv: Sequence[str] | None) -> int:

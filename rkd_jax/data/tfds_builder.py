@@ -77,10 +77,13 @@ class ReferMasks(tfds.core.GeneratorBasedBuilder):
         refer_root: str | Path | None = None,
         skip_corrupt_images: bool = False,
         skip_invalid_annotations: bool = False,
+        image_dir: str | Path | None = None,
         **kwargs,
     ):
-        """`refer_root` is only needed to build; reading a built dataset needs only data_dir."""
+        """`refer_root` (and `image_dir`, when the COCO images are kept apart from it) is only
+        needed to build; reading a built dataset needs only data_dir."""
         self._refer_root = None if refer_root is None else Path(refer_root)
+        self._image_dir = Path(image_dir) if image_dir else None
         self._skip_corrupt_images = skip_corrupt_images
         self._skip_invalid_annotations = skip_invalid_annotations
         kwargs.setdefault("file_format", "array_record")
@@ -129,7 +132,11 @@ class ReferMasks(tfds.core.GeneratorBasedBuilder):
             )
         cfg = self.builder_config
         refer = refer_lib.Refer(
-            self._refer_root, cfg.dataset, cfg.split_by, self._skip_invalid_annotations
+            self._refer_root,
+            cfg.dataset,
+            cfg.split_by,
+            self._skip_invalid_annotations,
+            self._image_dir,
         )
         tables = {}
         for split in refer.splits:
@@ -137,6 +144,7 @@ class ReferMasks(tfds.core.GeneratorBasedBuilder):
         all_refs = [r for split in refer.splits for r in refer.refs(split)]
         images_ok, skipped = self._check_images(refer, all_refs)
         self.info.metadata["refer_root"] = str(self._refer_root.resolve())
+        self.info.metadata["image_dir"] = str(refer.image_dir.resolve())
         self.info.metadata["dataset"] = cfg.dataset
         self.info.metadata["split_by"] = cfg.split_by
         self.info.metadata["sentences"] = tables
@@ -247,12 +255,15 @@ def builder(
     refer_root: str | Path | None = None,
     skip_corrupt_images: bool = False,
     skip_invalid_annotations: bool = False,
+    image_dir: str | Path | None = None,
 ) -> ReferMasks:
-    """The builder of one dataset in `data_dir` (call download_and_prepare() to build it)."""
+    """The builder of one dataset in `data_dir` (call download_and_prepare() to build it);
+    `image_dir` = the COCO images when not under `refer_root`."""
     return ReferMasks(
         config=config_name(dataset, split_by),
         data_dir=str(data_dir),
         refer_root=refer_root,
         skip_corrupt_images=skip_corrupt_images,
         skip_invalid_annotations=skip_invalid_annotations,
+        image_dir=image_dir,
     )
