@@ -3,7 +3,8 @@
 ResNet: torchvision and timm state dicts (the two share key names: `conv1`, `bn1`,
 `layer1.0.conv1`, `layer1.0.downsample.0/1`, `fc`). EfficientNet-B0/Lite0: the lukemelas
 EfficientNet-PyTorch layout (`_conv_stem`, `_bn0`, `_blocks.N._expand_conv`, ...), which the
-offline Lite0 checkpoint uses. Conversion is strict: every key the model needs must be present
+offline Lite0 checkpoint uses, and timm's and torchvision's layouts, renamed to it first
+(`efficientnet_layouts`). Conversion is strict: every key the model needs must be present
 with its exact shape, and a key the model does not use is an error unless it belongs to the
 classifier head or is a BatchNorm `num_batches_tracked` counter.
 
@@ -20,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from rkd_jax.convert.common import ConversionError, read_state_dict, take
+from rkd_jax.convert.efficientnet_layouts import detect_layout, original_names, to_lukemelas
 from rkd_jax.models.efficientnet import architecture
 from rkd_jax.models.resnet import RESNET_ARCHS
 
@@ -167,7 +169,9 @@ def convert_efficientnet(
     width_mult: float = 1.0,
     depth_mult: float = 1.0,
 ) -> dict:
-    """A lukemelas-layout EfficientNet state dict -> `{"params", "batch_stats"}`.
+    """An EfficientNet state dict -> `{"params", "batch_stats"}`.
+
+    The lukemelas layout, or timm's or torchvision's (`efficientnet_layouts.detect_layout`).
 
     `variant` is 'b0' or 'lite0' (also accepted with an `efficientnet_` prefix). With
     `include_head` the head conv, its BatchNorm and `_fc` are converted (for `classify`, with
@@ -175,7 +179,19 @@ def convert_efficientnet(
     """
     variant = variant.removeprefix("efficientnet_").removeprefix("efficientnet-")
     arch = architecture(variant, width_mult, depth_mult)
-    b = _Builder(_strip_prefixes(state), source)
+    state = _strip_prefixes(state)
+    renamed, back = to_lukemelas(state, source)
+    if not back:
+        return _convert_lukemelas(renamed, arch, source, include_head)
+    source = f"{source} ({detect_layout(state)} layout)"
+    try:
+        return _convert_lukemelas(renamed, arch, source, include_head)
+    except ConversionError as e:  # name the keys as the user's file has them
+        raise ConversionError(original_names(str(e), back)) from None
+
+
+def _convert_lukemelas(state: Mapping[str, np.ndarray], arch, source: str, include_head: bool):
+    b = _Builder(state, source)
     b.conv("_conv_stem", ["conv_stem"], arch.stem, 3, 3)
     b.bn("_bn0", ["bn0"], arch.stem)
     for i, sp in enumerate(arch.blocks):
