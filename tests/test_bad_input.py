@@ -404,3 +404,111 @@ def test_main_refuses_a_run_directory_in_use(tmp_path):
     ]
     assert "Traceback" not in res.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == [".lock"]  # nothing else written
+
+
+def _only_incomplete(tmp_path) -> Path:
+    run = tmp_path / "interrupted"
+    (run / "checkpoints" / "7").mkdir(parents=True)
+    return run
+
+
+def test_export_bad_input_and_no_overwrite(tiny_run, tmp_path, capsys):
+    from rkd_jax import export
+
+    out = tmp_path / "student.jax"
+    out.write_bytes(b"previous")
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "vocab.txt").write_text("[PAD]\n[UNK]\n")
+    run, x = str(tiny_run), str(tmp_path / "x.jax")
+    cases = [
+        (["--checkpoint", run, "--format", "jax", "--out", str(out)], "already exist(s); pass"),
+        (["--format", "jax", "--checkpoint", run, "--out", str(other / "s.jax")], "vocabulary"),
+        (["--checkpoint", str(tiny_run / "teacher"), "--out", x], "holds the teacher model"),
+        (["--checkpoint", run, "--format", "jax", "--quantize", "int8", "--out", x], "needs --for"),
+        (["--checkpoint", run, "--format", "tflite", "--out", x], "argument --format: invalid"),
+        (["--checkpoint", str(tmp_path / "nope"), "--out", x], "nope: no such checkpoint"),
+        (["--checkpoint", run, "--out", str(tmp_path)], "is a directory; expected a file"),
+        (["--checkpoint", str(_only_incomplete(tmp_path)), "--out", x], "no complete checkpoint"),
+        (["--checkpoint", run, "--format", "jax", "--batch", "0", "--out", x], "--batch 0"),
+        (["--checkpoint", run], "the following arguments are required: --out"),
+    ]
+    for argv, words in cases:
+        refuses(export.main, argv, capsys, [tmp_path], words)
+
+
+def test_export_replaces_only_after_the_parity_check(tiny_run, tmp_path, capsys, monkeypatch):
+    from rkd_jax import export
+
+    out = tmp_path / "student.jax"
+    out.write_bytes(b"previous")
+    argv = ["--checkpoint", str(tiny_run), "--format", "jax", "--out", str(out), "--overwrite"]
+    with monkeypatch.context() as m:
+        m.setattr(export, "PARITY_MAX_PROB_DIFF", -1.0)  # no artifact can pass
+        refuses(export.main, argv, capsys, [tmp_path], "fails the parity check")
+    assert out.read_bytes() == b"previous"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["student.jax"]  # no temporary left
+    assert export.main(argv) == 0
+    assert out.read_bytes() != b"previous"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "student.jax",
+        "student.jax.json",
+        "vocab.txt",
+    ]
+
+
+@pytest.fixture
+def cached_models(monkeypatch):
+    from test_predictor import cached_predictor
+
+    from rkd_jax import predictor as predictor_lib
+
+    monkeypatch.setattr(
+        predictor_lib, "load", lambda path, **kwargs: cached_predictor(str(Path(path)))
+    )
+
+
+def test_demo_and_visualize_bad_input(tiny_run, tmp_path, capsys, cached_models):
+    from PIL import Image
+
+    from rkd_jax import demo, visualize
+
+    image = tmp_path / "photo.png"
+    Image.new("RGB", (40, 30), (200, 30, 30)).save(image)
+    (tmp_path / "adir").mkdir()
+    run, teacher = str(tiny_run), str(tiny_run / "teacher")
+    common = ["--image", str(image), "--text", "the red one"]
+    for argv, words in [
+        (["--checkpoint", run, "--out", str(tmp_path / "adir")], "is a directory; expected a PNG"),
+        (["--checkpoint", run, "--size", "8"], "--size=8: expected at least 16 pixels"),
+        (["--checkpoint", str(_only_incomplete(tmp_path))], "no complete checkpoint"),
+        (["--checkpoint", run, "--size", "big"], "argument --size: invalid int value"),
+    ]:
+        refuses(demo.main, common + argv, capsys, [tmp_path], words)
+    out_dir = ["--out-dir", str(tmp_path / "pictures")]
+    for argv, words in [
+        (["--teacher", run, "--student", teacher], f"--teacher {tiny_run}/checkpoints/"),
+        (["--teacher", run, "--student", teacher], "holds the student model"),
+        (["--teacher", teacher, "--student", teacher], "--student "),
+        (["--teacher", teacher, "--student", run, "--student-before", teacher], "--student-bef"),
+        (["--teacher", teacher, "--student", run, "--cell", "4"], "--cell=4: expected at least"),
+    ]:
+        refuses(visualize.main, common + out_dir + argv, capsys, [tmp_path], words)
+
+
+def test_demo_draws_a_one_pixel_high_photo_at_exactly_out(
+    tiny_run, tmp_path, capsys, cached_models
+):
+    from PIL import Image
+
+    from rkd_jax import demo
+
+    image = tmp_path / "strip.png"
+    Image.new("RGB", (64, 1), (30, 200, 30)).save(image)
+    out = tmp_path / "overlay"  # no suffix: the file is still written under this very name
+    argv = ["--checkpoint", str(tiny_run), "--image", str(image), "--text", "the green strip"]
+    assert demo.main(argv + ["--out", str(out)]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["overlay", "strip.png"]
+    with Image.open(out) as im:
+        assert im.format == "PNG"
+    assert f"wrote {out} " in capsys.readouterr().out
