@@ -66,6 +66,45 @@ def sample(tiny_run):
     return scored_sentences("val", 3)
 
 
+# The eval runs the predict function on batches of run.eval_batch_size sharded over the test's
+# 8 devices, the predictor on its own batch on one device: XLA compiles the two shapes into
+# different float32 summation orders, and the CPU's kernels (AVX2 or AVX-512) change them again.
+# Measured: the margins of two such compilations differ by at most ~4e-6 (the jax.export and
+# ONNX parity in README.md: 3.8e-6, 7.6e-6). A pixel whose margin is within MARGIN_NOISE of 0
+# may fall on either side of the threshold; every other pixel must agree.
+MARGIN_NOISE = 1e-4
+
+
+class IoUBounds:
+    """The lowest and highest metrics that masks `margin >= 0` can give when every pixel with
+    |margin| < MARGIN_NOISE may fall on either side: IoUAccumulator of both extremes."""
+
+    def __init__(self):
+        self.low, self.high = evaluate.IoUAccumulator(), evaluate.IoUAccumulator()
+        self.pixels = self.uncertain = 0
+
+    def add(self, margin: np.ndarray, target: np.ndarray) -> None:
+        target = target.astype(bool)
+        sure = margin >= MARGIN_NOISE
+        maybe = np.abs(margin) < MARGIN_NOISE
+        inter, union = np.count_nonzero(sure & target), np.count_nonzero(sure | target)
+        # Highest IoU: uncertain pixels on the object count as hits, the others stay out.
+        self.high.add(inter + np.count_nonzero(maybe & target), union)
+        # Lowest: uncertain pixels on the object missed, the others false positives.
+        self.low.add(inter, union + np.count_nonzero(maybe & ~target))
+        self.pixels += margin.size
+        self.uncertain += np.count_nonzero(maybe)
+
+    def check(self, want: dict, name: str) -> None:
+        low, high = self.low.result(), self.high.result()
+        assert low.keys() == high.keys() == want.keys()
+        assert want["num_sentences"] == low["num_sentences"]
+        for key, value in want.items():
+            assert low[key] - 1e-12 <= value <= high[key] + 1e-12, (name, key, low, value, high)
+        # The bounds mean something only while the uncertain pixels are few.
+        assert self.uncertain <= 1e-3 * self.pixels, (name, self.uncertain, self.pixels)
+
+
 @pytest.mark.parametrize("split", ["val", "testA"])
 def test_predictor_reproduces_the_eval_numbers(tiny_run, student, split):
     from rkd_jax.data.pipeline import _resize_mask
@@ -80,19 +119,17 @@ def test_predictor_reproduces_the_eval_numbers(tiny_run, student, split):
     masks = student.predict(images, texts)
     margins = student.margins(images, texts)
     s = student.image_size
-    net, orig = evaluate.IoUAccumulator(), evaluate.IoUAccumulator()
+    net, orig = IoUBounds(), IoUBounds()
     for item, mask, (margin, hw) in zip(items, masks, margins):
         assert mask.dtype == bool and mask.shape == item["mask"].shape == hw
-        orig.add(*evaluate.intersection_union(mask, item["mask"]))
-        small = evaluate.resize_margin(margin, s, s) >= 0.0
-        net.add(*evaluate.intersection_union(small, _resize_mask(item["mask"], s)))
-    for name, acc in (("original", orig), ("network", net)):
-        got, want = acc.result(), saved["metrics"][name]
-        assert got.keys() == want.keys()
-        for key in want:
-            assert got[key] == pytest.approx(want[key], abs=1e-6), (name, key)
+        full = evaluate.resize_margin(margin, *hw)
+        np.testing.assert_array_equal(mask, full >= 0.0)  # predict is this margin, thresholded
+        orig.add(full, item["mask"])
+        net.add(evaluate.resize_margin(margin, s, s), _resize_mask(item["mask"], s))
+    for name, bounds in (("original", orig), ("network", net)):
+        bounds.check(saved["metrics"][name], name)
     # The comparison means something only if the model predicts some foreground.
-    assert 0 < orig.result()["oIoU"] and any(m.any() for m in masks)
+    assert 0 < orig.high.result()["oIoU"] and any(m.any() for m in masks)
 
 
 def test_predict_pairs_images_and_expressions(student, sample):
