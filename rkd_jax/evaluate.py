@@ -15,11 +15,13 @@ Protocol (written into every results file):
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
+import sys
 import time
 from collections.abc import Callable, Iterable
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Any
 
@@ -213,3 +215,285 @@ def write_results(path: Path, payload: dict) -> None:
 
 def timestamp() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+# Evaluation takes the model and everything that shapes its predictions from the checkpoint;
+# only where the data comes from and how much of it is scored may differ from training.
+DATA_SETTINGS = (
+    "data.root",
+    "data.image_dir",
+    "data.dataset",
+    "data.split_by",
+    "data.data_dir",
+    "data.eval_splits",
+    "data.num_workers",
+    "data.skip_corrupt_images",
+    "data.skip_invalid_annotations",
+    "data.synthetic_num_images",
+    "data.synthetic_seed",
+    "run.eval_batch_size",
+    "run.max_eval_examples",
+)
+MODEL_SETTINGS = ("data.image_size", "data.max_tokens", "run.threshold", "run.compute_dtype")
+# Fields of a model config that only decide how training starts, not the trained model.
+_INIT_ONLY = ("backbone_weights", "text_pretrained")
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested config (ConfigDict or dict) -> {"data.root": ..., "student.backbone": ...}."""
+    if hasattr(tree, "to_dict"):
+        tree = tree.to_dict()
+    out = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) or hasattr(v, "to_dict"):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _plain(v: Any) -> Any:
+    """Tuples and lists compare equal (a config's tuple comes back from JSON as a list)."""
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    return v
+
+
+def data_settings(config) -> dict[str, Any]:
+    """The DATA_SETTINGS of a config, flattened (what a training run evaluates with)."""
+    flat = flatten(config)
+    return {k: flat[k] for k in DATA_SETTINGS if k in flat}
+
+
+def command_line_settings(config, overrides: dict[str, Any], config_given: bool) -> dict[str, Any]:
+    """Settings that `main --mode=eval` hands to `evaluate_checkpoint`.
+
+    `overrides` are the `--config.FIELD=value` flags (data settings are used, model settings
+    checked). When `--config` itself was given, the file's model settings are checked too; its
+    data settings are not used unless overridden, so a run trained on a REFER root is scored on
+    that root without repeating --config.data.root.
+    """
+    settings = {}
+    if config_given:
+        for key, value in flatten(config).items():
+            head = key.split(".", 1)[0]
+            if key in MODEL_SETTINGS or head in ("teacher", "student"):
+                settings[key] = value
+    settings.update(overrides)
+    return settings
+
+
+def eval_config(config, role: str, model_config, settings: dict[str, Any] | None = None):
+    """The checkpoint's config with the data settings of `settings` applied.
+
+    A model setting (MODEL_SETTINGS, or a field of the checkpoint's `role` model) in `settings`
+    must equal the checkpoint's value: ValueError otherwise. Other keys (training settings)
+    are not used by evaluation and are ignored.
+    """
+    import ml_collections
+
+    out = ml_collections.ConfigDict(config.to_dict())
+    if "image_dir" not in out.data:  # checkpoints from before data.image_dir existed
+        out.data.image_dir = ""
+    saved_model = model_config.to_dict()
+    conflicts = []
+    for key, value in (settings or {}).items():
+        head, _, field = key.partition(".")
+        if key in DATA_SETTINGS:
+            out[head][field] = list(value) if isinstance(value, (list, tuple)) else value
+            continue
+        if key in MODEL_SETTINGS:
+            saved = out[head][field]
+        elif head == role and field in saved_model and field not in _INIT_ONLY:
+            saved = saved_model[field]
+        else:
+            continue  # a training setting: evaluation does not use it
+        if _plain(saved) != _plain(value):
+            conflicts.append((key, value, saved))
+    if conflicts:
+        key, value, saved = conflicts[0]
+        more = f" (and {', '.join(c[0] for c in conflicts[1:])})" if len(conflicts) > 1 else ""
+        raise ValueError(
+            f"{key}={value!r} conflicts with the checkpoint's {key}={saved!r}{more}: the model, "
+            "image size, token limit and threshold come from the checkpoint; only data settings "
+            f"({', '.join(DATA_SETTINGS)}) can be changed at evaluation"
+        )
+    return out
+
+
+def run_directory(checkpoints_dir: Path) -> Path:
+    """The run directory a checkpoints directory belongs to (paths in results are relative
+    to it)."""
+    return checkpoints_dir.parent if checkpoints_dir.name == "checkpoints" else checkpoints_dir
+
+
+def evaluate_checkpoint(
+    checkpoint: str | os.PathLike,
+    splits: Iterable[str] | None = None,
+    settings: dict[str, Any] | None = None,
+    out: str | os.PathLike | None = None,
+    mesh=None,
+) -> dict[str, dict]:
+    """Score a checkpoint on `splits`; the one evaluation path of the project.
+
+    Args:
+      checkpoint: a run directory (its best checkpoint), its checkpoints/ directory or one
+        checkpoints/<step> directory. The model, image size, token limit and threshold come
+        from the checkpoint's saved config (`predictor.load`).
+      splits: splits to score; default the (possibly overridden) data.eval_splits.
+      settings: flattened config fields (`eval_config`): data settings are applied, model
+        settings must equal the checkpoint's.
+      out: one JSON file {split: results}; default `<run>/results/<dataset>_<split>.json` for a
+        run's best checkpoint, `<run>/results/step<N>/...` for an explicit step directory.
+      mesh: the device mesh (default: one over every device).
+
+    Returns {split: results payload}. Every check (settings, architecture, splits) runs before
+    anything is written.
+    """
+    from rkd_jax import checkpoint as ckpt_lib
+    from rkd_jax import parallel, predictor, train
+    from rkd_jax.convert.bert import tokenize
+    from rkd_jax.data import pipeline, prepare, refer
+
+    path = Path(checkpoint).absolute()
+    directory, step = ckpt_lib.find_checkpoint(path)
+    restored = predictor.load(path)
+    config = eval_config(restored.config, restored.role, restored.model_config, settings)
+    splits = list(splits or config.data.eval_splits)
+    if not splits:
+        raise ValueError("no splits to evaluate (give --splits or data.eval_splits)")
+    run_dir = run_directory(directory)
+    for split in splits:
+        refer.check_dataset(config.data.dataset, config.data.split_by, split)
+    prepare.ensure_prepared(config.data)
+    counts = {split: pipeline.num_eval_examples(config.data, split) for split in splits}
+    if out is None:
+        results_dir = run_dir / "results"
+        if path == directory / str(step):
+            results_dir = results_dir / f"step{step}"
+    if mesh is None:
+        mesh = parallel.make_mesh()
+    predict_fn = make_predict_fn(restored.model, restored.threshold)
+    tokenize_fn = partial(tokenize, restored.tokenizer)
+    log = logging.getLogger("rkd_jax")
+    payloads = {}
+    with train._set_mesh(mesh):
+        variables = parallel.replicate(restored.variables, mesh)
+        for split in splits:
+            t0 = time.perf_counter()
+            res = train.evaluate_split(
+                config, predict_fn, variables, tokenize_fn, split, mesh, desc=f"eval {split}"
+            )
+            split_counts = getattr(pipeline, "split_counts", None)
+            payload = {
+                "metrics": res,
+                "protocol": protocol(
+                    config, split, step, split_counts(config.data, split) if split_counts else {}
+                ),
+                "role": restored.role,
+                "model": restored.model_config.to_dict(),
+                "checkpoint": os.path.relpath(directory / str(step), run_dir),
+                "val_metrics_at_selection": restored.meta.get("metrics", {}),
+                "seconds": time.perf_counter() - t0,
+                "written": timestamp(),
+            }
+            payloads[split] = payload
+            if out is None and jax.process_index() == 0:
+                write_results(results_dir / f"{config.data.dataset}_{split}.json", payload)
+            log.info(
+                "%s %s (%d sentences): mIoU %.4f oIoU %.4f (network) | mIoU %.4f oIoU %.4f "
+                "(original)",
+                restored.role,
+                split,
+                counts[split],
+                res["network"]["mIoU"],
+                res["network"]["oIoU"],
+                res["original"]["mIoU"],
+                res["original"]["oIoU"],
+            )
+    if out is not None and jax.process_index() == 0:
+        write_results(Path(out), payloads)
+    return payloads
+
+
+def _main(argv: list[str] | None = None) -> int:
+    from rkd_jax import cli, parallel, predictor
+
+    p = cli.ArgumentParser(
+        prog="python -m rkd_jax.evaluate",
+        description="Score a checkpoint on REFER splits. The model, image size, token limit and "
+        "threshold come from the checkpoint's saved config; only data settings can be changed.",
+    )
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        help="run directory (its best checkpoint), its checkpoints/ or one checkpoints/<step>",
+    )
+    p.add_argument("--splits", nargs="+", help="splits to score (default: data.eval_splits)")
+    p.add_argument(
+        "--out",
+        help="one JSON file {split: results}; default <run>/results/<dataset>_<split>.json "
+        "(<run>/results/step<N>/ for a checkpoints/<step> directory)",
+    )
+    data = p.add_argument_group("data (default: the checkpoint's)")
+    data.add_argument("--refer-root", help="REFER root (<dataset>/instances.json, refs(*).p)")
+    data.add_argument(
+        "--image-dir", help="COCO train2014 images (default <refer-root>/images/mscoco/...)"
+    )
+    data.add_argument("--dataset", help="refcoco | refcoco+ | refcocog")
+    data.add_argument("--split-by", help="unc (refcoco, refcoco+) | umd, google (refcocog)")
+    data.add_argument("--data-dir", help="TFDS cache of prepared examples")
+    data.add_argument("--batch-size", type=int, help="evaluation batch (run.eval_batch_size)")
+    data.add_argument(
+        "--max-examples", type=int, help="score at most this many sentences per split (-1: all)"
+    )
+    model = p.add_argument_group("model settings (checked: must equal the checkpoint's)")
+    model.add_argument("--image-size", type=int)
+    model.add_argument("--max-tokens", type=int)
+    model.add_argument("--threshold", type=float)
+    p.add_argument("--coordinator-address", default="", help="jax.distributed host:port")
+    p.add_argument("--num-processes", type=int, default=0)
+    p.add_argument("--process-id", type=int, default=-1)
+    args = p.parse_args(argv)
+    flags_to_settings = {
+        "refer_root": "data.root",
+        "image_dir": "data.image_dir",
+        "dataset": "data.dataset",
+        "split_by": "data.split_by",
+        "data_dir": "data.data_dir",
+        "batch_size": "run.eval_batch_size",
+        "max_examples": "run.max_eval_examples",
+        "image_size": "data.image_size",
+        "max_tokens": "data.max_tokens",
+        "threshold": "run.threshold",
+    }
+    settings = {
+        key: getattr(args, name)
+        for name, key in flags_to_settings.items()
+        if getattr(args, name) is not None
+    }
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("absl").setLevel(logging.WARNING)
+    predictor.configure_platform()
+    parallel.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
+    results = evaluate_checkpoint(args.checkpoint, args.splits, settings, args.out)
+    for split, payload in results.items():
+        m = payload["metrics"]
+        print(
+            f"{split}: mIoU {m['network']['mIoU']:.4f} oIoU {m['network']['oIoU']:.4f} (network)"
+            f" | mIoU {m['original']['mIoU']:.4f} oIoU {m['original']['oIoU']:.4f} (original)"
+        )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m rkd_jax.evaluate --checkpoint RUN --splits val testA testB [--out FILE]`;
+    bad input ends with one `error:` line and exit code 2."""
+    from rkd_jax import cli
+
+    return cli.run(_main, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

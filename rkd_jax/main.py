@@ -2,7 +2,9 @@
 
 --mode=train (default) trains what config.mode says (teacher first when distilling without
 a teacher_checkpoint) and then scores every config.data.eval_splits; --mode=eval only scores
-the run in --workdir. Bad input ends with one line naming the problem and exit code 2.
+the run in --workdir, through `rkd_jax.evaluate`: the model, image size, token limit and
+threshold from its checkpoint, data settings from --config.data.* overrides. Bad input ends
+with one line naming the problem and exit code 2.
 """
 
 from __future__ import annotations
@@ -111,12 +113,13 @@ def _main(argv) -> int:
             if lock:
                 lock.release()
     else:
-        from rkd_jax.data import prepare
+        # The checkpoint decides the model; the command line only the data (see rkd_jax.evaluate).
+        from rkd_jax import evaluate
 
-        prepare.ensure_prepared(config.data)
-        mesh = parallel.make_mesh()
-        with train._set_mesh(mesh):
-            train.evaluate_run(config, workdir, role, config.data.eval_splits, mesh)
+        settings = evaluate.command_line_settings(
+            config, config_flags.get_override_values(FLAGS["config"]), FLAGS["config"].present
+        )
+        evaluate.evaluate_checkpoint(workdir, settings=settings)
     return 0
 
 

@@ -582,51 +582,15 @@ def _take_examples(batches, limit: int):
 
 
 def evaluate_run(config, run_dir: Path, role: str, splits, mesh) -> dict:
-    """Score the best checkpoint of run_dir on `splits`; results/<dataset>_<split>.json."""
-    from rkd_jax.data import pipeline
-
-    model_cfg, _ = phase_configs(config, role)
-    directory, step = ckpt_lib.find_checkpoint(run_dir)
-    _, variables, meta = ckpt_lib.restore(run_dir)
-    model = build.build_model(model_cfg, build.resolve_dtype(config.run.compute_dtype))
-    target = build.abstract_variables(model, config.data.image_size, config.data.max_tokens)
-    check_same_shapes(target["params"], variables["params"], f"checkpoint {directory}/{step}")
-    variables = parallel.replicate(variables, mesh)
-    predict_fn = eval_lib.make_predict_fn(model, float(config.run.threshold))
-    tokenize = make_tokenizer(config, (role,))
-    all_results = {}
-    for split in splits:
-        t0 = time.perf_counter()
-        res = evaluate_split(
-            config, predict_fn, variables, tokenize, split, mesh, desc=f"eval {split}"
-        )
-        counts = (
-            pipeline.split_counts(config.data, split) if hasattr(pipeline, "split_counts") else {}
-        )
-        payload = {
-            "metrics": res,
-            "protocol": eval_lib.protocol(config, split, step, counts),
-            "role": role,
-            "model": model_cfg.to_dict(),
-            "checkpoint": f"{directory}/{step}",
-            "val_metrics_at_selection": meta.get("metrics", {}),
-            "seconds": time.perf_counter() - t0,
-            "written": eval_lib.timestamp(),
-        }
-        name = f"{config.data.dataset}_{split}.json"
-        if jax.process_index() == 0:
-            eval_lib.write_results(run_dir / "results" / name, payload)
-        all_results[split] = res
-        log.info(
-            "%s %s: mIoU %.4f oIoU %.4f (network) | mIoU %.4f oIoU %.4f (original)",
-            role,
-            split,
-            res["network"]["mIoU"],
-            res["network"]["oIoU"],
-            res["original"]["mIoU"],
-            res["original"]["oIoU"],
-        )
-    return all_results
+    """Score the best checkpoint of run_dir on `splits` -> {split: metrics}; writes
+    results/<dataset>_<split>.json through `evaluate.evaluate_checkpoint`, the path of
+    `python -m rkd_jax.evaluate`: the model and its settings come from the checkpoint, the data
+    settings from `config`."""
+    del role  # the checkpoint's meta says which model it holds
+    payloads = eval_lib.evaluate_checkpoint(
+        run_dir, splits, eval_lib.data_settings(config), mesh=mesh
+    )
+    return {split: payload["metrics"] for split, payload in payloads.items()}
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
