@@ -93,8 +93,12 @@ def load_student(checkpoint: str | Path, allow_teacher: bool = False):
             "its teacher/ subdirectory), or add --allow-teacher to export it anyway"
         )
     config, variables, meta = ckpt_lib.restore(f"{directory}/{step}")
-    if "model" not in meta:
-        raise ExportError(f"{where}: checkpoint meta has no 'model' config; cannot rebuild it")
+    missing = [k for k in ("model", "image_size", "max_tokens") if k not in meta]
+    if missing:
+        raise ExportError(
+            f"{where}/meta/metadata: lacks {', '.join(map(repr, missing))}; cannot rebuild the "
+            "model (is this an rkd_jax checkpoint?)"
+        )
     model_cfg = ml_collections.ConfigDict(meta["model"])
     model = build.build_model(model_cfg, jnp.float32)
     size, max_tokens = int(meta["image_size"]), int(meta["max_tokens"])

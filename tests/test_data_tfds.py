@@ -150,4 +150,4 @@ def test_prepare_cli(tmp_path, capsys):
         "val": 1,
         "val_flat": 1,
     }
-    assert prepare.main(argv[:2] + ["--dataset", "refcocog", "--split-by", "unc"]) == 1
+    assert prepare.main(argv[:2] + ["--dataset", "refcocog", "--split-by", "unc"]) == 2
