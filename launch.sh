@@ -243,10 +243,10 @@ run_spec() {
     distill) CFG="configs/distill.py:$VARIANT"; RUN_OVR=("${R18_OVR[@]}"); TEACHER=1 ;;
     vl_only)
       CFG="configs/distill.py:$VARIANT"; TEACHER=1
-      RUN_OVR=("${R18_OVR[@]}" --config.distill.method=rkd --config.distill.lambda_channel=0.0) ;;
+      RUN_OVR=("${R18_OVR[@]}" --config.distill.method=vl_channel --config.distill.lambda_channel=0.0) ;;
     channel_only)
       CFG="configs/distill.py:$VARIANT"; TEACHER=1
-      RUN_OVR=("${R18_OVR[@]}" --config.distill.method=rkd --config.distill.lambda_vl=0.0) ;;
+      RUN_OVR=("${R18_OVR[@]}" --config.distill.method=vl_channel --config.distill.lambda_vl=0.0) ;;
     logit_kd | skd | cwd | ickd)
       CFG="configs/distill.py:$VARIANT"; TEACHER=1
       RUN_OVR=("${R18_OVR[@]}" --config.distill.method="$1") ;;

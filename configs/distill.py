@@ -31,6 +31,11 @@ def model_config(**overrides) -> ml_collections.ConfigDict:
     m.fusion_dim = 256  # C': projection width of V_Q, T_K, T_V in the cross-attention
     m.fpn_dim = 256  # channels of the FPN decoder output D (teacher and student must match)
     m.attention_norm = "softmax"  # normalisation of A: softmax over words | none (literal Eq. 4)
+    # Beyond the paper: concatenate each pixel's 8-D coordinates (Hu et al., 2016) to V in the
+    # fusion's query and output projection, so location words can be grounded.
+    m.coord_map = False
+    # add: V' = V + Linear(O) (the paper) | multiply: V' = V * (1 + Linear(O)) (beyond it)
+    m.fusion_mode = "add"
     m.update(overrides)
     return m
 
@@ -74,12 +79,12 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.data.max_tokens = 12  # token limit incl. [CLS]/[SEP] (paper: 20)
     c.data.num_workers = 0  # grain worker processes (0 = in the training process)
     c.data.skip_corrupt_images = False  # skip (and count) unreadable images instead of failing
-    c.data.synthetic_num_images = 4400  # size of the embedded dataset (all splits)
-    c.data.synthetic_seed = 0  # generator seed of the embedded dataset
-
     # Refs with a broken annotation (NaN/outside coordinates, < 3 points, empty mask), an unknown
     # split or no sentence: False = stop naming the first; True = leave them out and count them.
     c.data.skip_invalid_annotations = False
+    c.data.synthetic_num_images = 4400  # size of the embedded dataset (all splits)
+    c.data.synthetic_seed = 0  # generator seed of the embedded dataset
+
     # Miniature sizes from shared/MINIATURE.md: a deeper teacher learns more per image.
     c.teacher = model_config(
         backbone="resnet18", backbone_width=32, fusion_dim=128, fpn_dim=64, text_num_layers=6
@@ -97,7 +102,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.train = train_config(epochs=3, lr=1e-3, lr_decay_epochs=(2,))  # student / distill phase
 
     c.distill = ml_collections.ConfigDict()
-    c.distill.method = "rkd"  # rkd (paper: L_VL + L_C) | none | logit_kd | skd | cwd | ickd
+    # vl_channel (the paper: L_VL + L_C; "rkd" is an old alias that warns, since "rkd" means
+    # Park et al.'s distance/angle KD elsewhere) | none | logit_kd | skd | cwd | ickd
+    c.distill.method = "vl_channel"
     c.distill.lambda_vl = 0.5  # lambda1 of Eq. (9); 0 = ablation without L_VL
     c.distill.lambda_channel = 0.5  # lambda2 of Eq. (9); 0 = ablation without L_C
     c.distill.channel_norm = "hw"  # D^T D scale: hw (divide by HW) | l2 (unit channels: cosines)
@@ -117,6 +124,11 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     # Directory shared by runs for those features ('' = recompute in every run); keyed by a
     # fingerprint of encoder weights, model config, sentences, dtype, backend and jax version.
     c.run.text_cache_dir = ""
+    # Distillation: compute the frozen teacher's targets (its A maps, A_c, logits: what the
+    # method compares with) once per (image, sentence) pair of the train split and look them up
+    # in the step instead of running the teacher (no augmentation, so they never change). Kept
+    # in memory on every device: for the miniature; the paper setting runs the teacher.
+    c.run.cache_teacher_targets = True
     c.run.log_every_steps = 50  # host sync + JSONL/TensorBoard/progress logging period
     c.run.eval_every_epochs = 1  # validation (mIoU, oIoU) period, in epochs
     c.run.checkpoint_every_steps = 500  # periodic checkpoint period (also at every validation)
@@ -173,6 +185,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         c.teacher_train = train_config(**paper)
         c.train = train_config(**paper)
         c.run.cache_text_features = False
+        c.run.cache_teacher_targets = False  # ~0.3 MB per pair at 384 px: 39 GB for RefCOCO
         c.run.log_every_steps = 100
         c.run.checkpoint_every_steps = 2000
         c.run.eval_batch_size = 32

@@ -20,7 +20,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from functools import lru_cache, partial
 from pathlib import Path
 from typing import Any
@@ -104,18 +104,44 @@ class IoUAccumulator:
         return out
 
 
+class GroupedIoU:
+    """One IoUAccumulator per group of sentences (e.g. expression family), by sentence_id."""
+
+    def __init__(self, group_of: Sequence[str]):
+        self.group_of = list(group_of)
+        self.names = sorted(set(self.group_of))
+        self.accs = {name: IoUAccumulator() for name in self.names}
+
+    def add(self, sentence_id: int, inter: int, union: int) -> None:
+        self.accs[self.group_of[int(sentence_id)]].add(inter, union)
+
+    def merge_processes(self) -> GroupedIoU:
+        for acc in self.accs.values():
+            _merge_processes(acc)
+        return self
+
+    def result(self) -> dict[str, dict[str, float]]:
+        """{group: metrics} for the groups that have sentences."""
+        return {k: a.result() for k, a in self.accs.items() if a.sums[3] > 0}
+
+
 def score_batch(
     margins: np.ndarray,
     batch: dict,
     threshold: float,
     net: IoUAccumulator,
     orig: IoUAccumulator | None,
+    groups: GroupedIoU | None = None,
 ) -> None:
-    """Add a batch's valid rows at the network resolution and (if `orig`) the original one."""
+    """Add a batch's valid rows at the network resolution and (if `orig`) the original one;
+    `groups` also gets each row's network-resolution IoU under its sentence's group."""
     cut = math.log(threshold / (1.0 - threshold))
     size = batch["mask"].shape[1:3]
     for i in np.nonzero(batch["valid"])[0]:
-        net.add(*intersection_union(resize_margin(margins[i], *size) >= cut, batch["mask"][i]))
+        iu = intersection_union(resize_margin(margins[i], *size) >= cut, batch["mask"][i])
+        net.add(*iu)
+        if groups is not None:
+            groups.add(batch["sentence_id"][i], *iu)
         if orig is not None:
             target = batch["orig_mask"][i]
             pred = resize_margin(margins[i], *target.shape) >= cut
@@ -139,11 +165,17 @@ def evaluate_batches(
     original_resolution: bool = True,
     total: int | None = None,
     desc: str = "eval",
+    families: Sequence[str] | None = None,
 ) -> dict[str, dict[str, float]]:
-    """Score every valid row of `batches`; returns {"network": {...}, "original": {...}}."""
+    """Score every valid row of `batches`; returns {"network": {...}, "original": {...}}.
+
+    With `families` (a group name per sentence_id: the embedded data's expression families),
+    the result also has "families": {family: metrics at the network resolution}.
+    """
     from tqdm import tqdm
 
     net, orig = IoUAccumulator(), IoUAccumulator() if original_resolution else None
+    groups = GroupedIoU(families) if families is not None else None
     pending = None
     show = jax.process_index() == 0 and total is not None
     bar = tqdm(total=total, desc=desc, unit="sent", disable=not show, leave=False)
@@ -154,21 +186,23 @@ def evaluate_batches(
         )
         # Score the previous batch while the device computes this one.
         if pending is not None:
-            _score_pending(pending, threshold, net, orig, bar)
+            _score_pending(pending, threshold, net, orig, groups, bar)
         pending = (out["margin"], batch)
     if pending is not None:
-        _score_pending(pending, threshold, net, orig, bar)
+        _score_pending(pending, threshold, net, orig, groups, bar)
     bar.close()
     results = {"network": _merge_processes(net).result()}
     if orig is not None:
         results["original"] = _merge_processes(orig).result()
+    if groups is not None:
+        results["families"] = groups.merge_processes().result()
     return results
 
 
-def _score_pending(pending, threshold, net, orig, bar):
+def _score_pending(pending, threshold, net, orig, groups, bar):
     margin, batch = pending
     margins = local_rows(margin)
-    score_batch(margins, batch, threshold, net, orig)
+    score_batch(margins, batch, threshold, net, orig, groups)
     bar.update(int(np.count_nonzero(batch["valid"])))
 
 

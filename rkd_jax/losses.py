@@ -16,6 +16,8 @@ example, 0 for padding in an evaluation batch), so padded rows never move a loss
 
 from __future__ import annotations
 
+import warnings
+
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -24,7 +26,12 @@ import jax.numpy as jnp
 
 Array = jax.Array
 
-VALID_METHODS = ("rkd", "none", "logit_kd", "skd", "cwd", "ickd")
+# "vl_channel" is the paper's L_VL + L_C. "rkd" was its name before 2026-11-30; in every KD
+# toolkit (mdistiller, torchdistill) "rkd" means Park et al.'s distance/angle Relational KD,
+# so it stays only as an alias that warns.
+PAPER_METHOD = "vl_channel"
+METHOD_ALIASES = {"rkd": PAPER_METHOD}
+VALID_METHODS = (PAPER_METHOD, "none", "logit_kd", "skd", "cwd", "ickd")
 SEG_LOSS_KINDS = ("ce", "bce")
 CHANNEL_NORMS = ("hw", "l2")
 
@@ -200,7 +207,17 @@ def channel_loss(
       Scalar float32.
     """
     _check_same_shape(d_teacher, d_student, "decoder features")
-    diff = channel_correlation(d_teacher, norm) - channel_correlation(d_student, norm)
+    return channel_loss_to_target(channel_correlation(d_teacher, norm), d_student, norm, weights)
+
+
+def channel_loss_to_target(
+    corr_teacher: Array, d_student: Array, norm: str = "hw", weights: Array | None = None
+) -> Array:
+    """L_C, Eq. (8), against the teacher's precomputed A_c^t `[B, C, C]` (`channel_correlation`
+    of its D): what `channel_loss` computes, for a teacher whose targets were cached."""
+    corr_student = channel_correlation(d_student, norm)
+    _check_same_shape(corr_teacher, corr_student, "channel correlation")
+    diff = _f32(corr_teacher) - corr_student
     return _batch_mean(jnp.mean(diff * diff, axis=(1, 2)), weights)
 
 
@@ -341,12 +358,20 @@ def ickd_loss(d_t: Array, d_s: Array, weights: Array | None = None) -> Array:
       CIFAR-100 setting (`-b 2.5`); no segmentation weight was released.
     """
     _check_same_shape(d_t, d_s, "ickd features")
+    return ickd_loss_to_target(ickd_gram(d_t), d_s, weights)
 
-    def row_normalized_gram(d: Array) -> Array:
-        x = _f32(_flatten_spatial(d, "ickd features"))
-        return _l2_normalize(jnp.einsum("bnc,bnd->bcd", x, x, precision=_PRECISION), axis=2)
 
-    diff = row_normalized_gram(d_t) - row_normalized_gram(d_s)
+def ickd_gram(d: Array) -> Array:
+    """ICKD's channel Gram F^T F `[B, C, C]` with each row L2-normalised (float32)."""
+    x = _f32(_flatten_spatial(d, "ickd features"))
+    return _l2_normalize(jnp.einsum("bnc,bnd->bcd", x, x, precision=_PRECISION), axis=2)
+
+
+def ickd_loss_to_target(gram_t: Array, d_s: Array, weights: Array | None = None) -> Array:
+    """`ickd_loss` against the teacher's precomputed `ickd_gram` (cached teacher targets)."""
+    gram_s = ickd_gram(d_s)
+    _check_same_shape(gram_t, gram_s, "ickd gram")
+    diff = _f32(gram_t) - gram_s
     return _batch_mean(jnp.sum(diff * diff, axis=(1, 2)) / diff.shape[1], weights)
 
 
@@ -394,6 +419,64 @@ def supervised_losses(
     return {"loss_seg": loss_seg, "loss": loss_seg}
 
 
+def canonical_method(method: str) -> str:
+    """`config.distill.method` with the old alias resolved (warns) and checked."""
+    if method in METHOD_ALIASES:
+        new = METHOD_ALIASES[method]
+        warnings.warn(
+            f"config.distill.method={method!r} is an alias of {new!r} (the paper's L_VL + L_C); "
+            f"'rkd' usually names Park et al.'s distance/angle relational KD, which rkd_jax "
+            f"does not implement. Use {new!r}.",
+            FutureWarning,  # shown by default, unlike DeprecationWarning
+            stacklevel=2,
+        )
+        return new
+    if method not in VALID_METHODS:
+        raise ValueError(f"config.distill.method={method!r}: expected one of {VALID_METHODS}")
+    return method
+
+
+def target_keys(cfg: Any) -> tuple[str, ...]:
+    """What the distillation method reads from the teacher (`teacher_targets`' keys)."""
+    method = canonical_method(_field(cfg, "method"))
+    if method == PAPER_METHOD:
+        keys = []
+        if float(_field(cfg, "lambda_vl")) > 0:
+            keys.append("vl_attention")
+        if float(_field(cfg, "lambda_channel")) > 0:
+            keys.append("channel_correlation")
+        return tuple(keys)
+    return {
+        "none": (),
+        "logit_kd": ("logits",),
+        "cwd": ("logits",),
+        "skd": ("decoder",),
+        "ickd": ("ickd_gram",),
+    }[method]
+
+
+def teacher_targets(teacher_out: Mapping[str, Any], cfg: Any) -> dict[str, Any]:
+    """The teacher quantities the method's losses compare with, from its raw outputs.
+
+    `channel_correlation` is A_c^t of Eq. (7) (with `cfg.channel_norm`), `ickd_gram` ICKD's
+    row-normalised Gram; `vl_attention`, `logits` and `decoder` are the outputs themselves.
+    A key already in `teacher_out` is passed through, so targets computed once per
+    (image, sentence) and cached give the losses exactly what the online teacher gives.
+    """
+    out = {}
+    for key in target_keys(cfg):
+        if key in teacher_out:
+            out[key] = teacher_out[key]
+        elif key == "channel_correlation":
+            d_t = _output(teacher_out, "decoder", "teacher")
+            out[key] = channel_correlation(d_t, _field(cfg, "channel_norm", "hw"))
+        elif key == "ickd_gram":
+            out[key] = ickd_gram(_output(teacher_out, "decoder", "teacher"))
+        else:
+            out[key] = _output(teacher_out, key, "teacher")
+    return out
+
+
 def distillation_losses(
     teacher_out: Mapping[str, Any],
     student_out: Mapping[str, Any],
@@ -404,12 +487,13 @@ def distillation_losses(
 
     Args:
       teacher_out: teacher outputs: `logits [B, h, w, 2]` (stride 4), `vl_attention` (list of
-        `[B, HW_i, L]` for V3..V5), `decoder [B, HW, C]` (stride 4). Wrapped in
-        `stop_gradient` here, so no gradient reaches the teacher whatever the caller does.
+        `[B, HW_i, L]` for V3..V5), `decoder [B, HW, C]` (stride 4), or the method's
+        precomputed `teacher_targets`. Wrapped in `stop_gradient` here, so no gradient
+        reaches the teacher whatever the caller does.
       student_out: the same keys for the student.
       batch: `mask [B, H, W]`, `token_mask [B, L]`, optionally `valid [B]`.
       cfg: `config.distill` with `method` and the fields it needs:
-        - 'rkd' (the paper): loss_seg + lambda_vl * loss_vl + lambda_channel * loss_channel,
+        - 'vl_channel' (the paper; old alias 'rkd'): loss_seg + lambda_vl * loss_vl + lambda_channel * loss_channel,
           L_C with `channel_norm` ('hw' | 'l2'). A lambda of 0 skips its term (returned as 0):
           the "L_VL only" / "L_C only" ablations.
         - 'none': loss_seg only.
@@ -424,10 +508,8 @@ def distillation_losses(
     Returns:
       dict of float32 scalars: `loss_seg`, the method's terms (unweighted) and `loss`.
     """
-    method = _field(cfg, "method")
-    if method not in VALID_METHODS:
-        raise ValueError(f"config.distill.method={method!r}: expected one of {VALID_METHODS}")
-    teacher_out = jax.lax.stop_gradient(dict(teacher_out))
+    method = canonical_method(_field(cfg, "method"))
+    teacher_out = jax.lax.stop_gradient(teacher_targets(teacher_out, cfg))
     valid = batch.get("valid")
     kind = _field(cfg, "seg_loss", "ce")
     logits_s = _output(student_out, "logits", "student")
@@ -443,7 +525,7 @@ def distillation_losses(
             raise ValueError(f"config.distill.{name}={value}: expected >= 0")
         return value
 
-    if method == "rkd":
+    if method == PAPER_METHOD:
         lam_vl, lam_c = weight("lambda_vl"), weight("lambda_channel")
         terms["loss_vl"] = zero
         terms["loss_channel"] = zero
@@ -456,8 +538,8 @@ def distillation_losses(
             )
             total = total + lam_vl * terms["loss_vl"]
         if lam_c > 0:
-            terms["loss_channel"] = channel_loss(
-                _output(teacher_out, "decoder", "teacher"),
+            terms["loss_channel"] = channel_loss_to_target(
+                teacher_out["channel_correlation"],
                 _output(student_out, "decoder", "student"),
                 norm=_field(cfg, "channel_norm", "hw"),
                 weights=valid,
@@ -490,8 +572,8 @@ def distillation_losses(
         )
         total = total + weight("cwd_weight") * terms["loss_cwd"]
     elif method == "ickd":
-        terms["loss_ickd"] = ickd_loss(
-            _output(teacher_out, "decoder", "teacher"),
+        terms["loss_ickd"] = ickd_loss_to_target(
+            teacher_out["ickd_gram"],
             _output(student_out, "decoder", "student"),
             weights=valid,
         )

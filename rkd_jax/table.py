@@ -265,7 +265,7 @@ def _loss_text(cfg: dict) -> str:
         return "L_seg only"
     d = cfg.get("distill", {})
     method = d.get("method", "?")
-    if method == "rkd":
+    if method in ("vl_channel", "rkd"):  # "rkd": the paper's method before its rename
         return (
             f"L_seg + {d.get('lambda_vl', '?'):g} L_VL + {d.get('lambda_channel', '?'):g} L_C "
             f"(channel_norm {d.get('channel_norm', '?')})"

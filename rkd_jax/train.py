@@ -25,7 +25,7 @@ import optax
 
 from rkd_jax import checkpoint as ckpt_lib
 from rkd_jax import evaluate as eval_lib
-from rkd_jax import feature_cache, parallel, platform
+from rkd_jax import feature_cache, parallel, platform, teacher_targets
 from rkd_jax import losses as loss_lib
 from rkd_jax.models import build
 from rkd_jax.models.adapter import ChannelAdapter
@@ -96,7 +96,9 @@ def make_train_step(
     mode: teacher | student (supervised L_seg) or distill (Eq. 9 against `teacher`).
     batch: image [B,S,S,3] in [0,1], mask [B,S,S], tokens/token_mask [B,L], sentence_id [B].
     tables: {"student": [N,L,D] | None, "teacher": [N,L,D] | None} precomputed text
-      features of the frozen text encoders, indexed by sentence_id.
+      features of the frozen text encoders, indexed by sentence_id; optionally "targets":
+      the teacher's precomputed distillation targets indexed by the batch's pair_id
+      (rkd_jax.teacher_targets), which then replace the teacher's forward pass.
     """
     if mode not in MODES:
         raise ValueError(f"mode={mode!r}; expected one of {MODES}")
@@ -114,9 +116,16 @@ def make_train_step(
         args = (batch["image"], batch["tokens"], batch["token_mask"])
         teacher_out = None
         if mode == "distill":
-            teacher_out = teacher.apply(
-                teacher_vars, *args, train=False, text_features=text_of(tables, "teacher", batch)
-            )
+            if tables.get("targets") is not None:
+                # The frozen teacher's targets of this (image, sentence), computed once.
+                teacher_out = teacher_targets.lookup(tables["targets"], batch["pair_id"])
+            else:
+                teacher_out = teacher.apply(
+                    teacher_vars,
+                    *args,
+                    train=False,
+                    text_features=text_of(tables, "teacher", batch),
+                )
             teacher_out = jax.lax.stop_gradient(teacher_out)
 
         def loss_fn(params, aux_params):
@@ -310,6 +319,7 @@ def load_teacher(config, path: str, mesh) -> dict:
     expected = build.architecture(config.teacher)
     saved = meta.get("architecture")
     if saved is not None and _normalise(saved) != _normalise(expected):
+        saved = _normalise(saved)
         diff = {k: (saved.get(k), expected[k]) for k in expected if saved.get(k) != expected[k]}
         raise ckpt_lib.CheckpointError(
             f"teacher checkpoint {path} has another architecture than config.teacher: "
@@ -322,6 +332,8 @@ def load_teacher(config, path: str, mesh) -> dict:
 
 
 def _normalise(arch: dict) -> dict:
+    # Checkpoints saved before coord_map existed had none.
+    arch = {"coord_map": False, "fusion_mode": "add", **arch}
     return {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in arch.items()}
 
 
@@ -390,14 +402,7 @@ def run_phase(config, run_dir: Path, role: str, mesh, teacher_vars=None) -> dict
 
     ckpt = ckpt_lib.Checkpointer(run_dir / "checkpoints", keep=int(config.run.keep_checkpoints))
     pcount, pindex = jax.process_count(), jax.process_index()
-    data_iter = pipeline.make_train_iterator(
-        config.data,
-        tokenize,
-        int(sched.batch_size) // pcount,
-        int(config.seed),
-        process_index=pindex,
-        process_count=pcount,
-    )
+    data_state = None
     latest = ckpt.latest_step()
     abstract = jax.eval_shape(fresh_state)
     shardings = jax.tree.map(lambda _: parallel.replicated(mesh), abstract)
@@ -406,14 +411,12 @@ def run_phase(config, run_dir: Path, role: str, mesh, teacher_vars=None) -> dict
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
         )
         state, data_state, _ = ckpt.restore(latest, target)
-        if data_state:
-            data_iter.set_state(data_state)
         log.info("%s: resumed from step %d (%s)", role, latest, ckpt.directory)
     else:
         state = parallel.replicate(fresh_state(), mesh)
     start = int(jax.device_get(state.step))
 
-    tables = {"student": None, "teacher": None}
+    tables = {"student": None, "teacher": None, "targets": None}
     need_tables = start < total and any(
         uses_text_cache(config, phase_configs(config, r)[0]) for r in roles
     )
@@ -441,6 +444,23 @@ def run_phase(config, run_dir: Path, role: str, mesh, teacher_vars=None) -> dict
             len(hits),
             config.run.get("text_cache_dir", "") or "no cache",
         )
+
+    pair_offsets = None
+    if mode == "distill" and start < total and config.run.get("cache_teacher_targets", False):
+        tables["targets"], pair_offsets, _ = teacher_targets.compute_table(
+            config, teacher, config.teacher, teacher_vars, tokenize, tables["teacher"], mesh
+        )
+    data_iter = pipeline.make_train_iterator(
+        config.data,
+        tokenize,
+        int(sched.batch_size) // pcount,
+        int(config.seed),
+        process_index=pindex,
+        process_count=pcount,
+        pair_offsets=pair_offsets,
+    )
+    if data_state:
+        data_iter.set_state(data_state)
 
     step_fn = make_train_step(config, mode, tx, model, teacher)
     predict_fn = eval_lib.make_predict_fn(model, float(config.run.threshold))
@@ -565,6 +585,7 @@ def evaluate_split(
         original_resolution,
         total=n,
         desc=desc or split,
+        families=pipeline.sentence_families(config.data, split),
     )
 
 

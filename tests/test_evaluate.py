@@ -241,3 +241,72 @@ def test_protocol_names_every_setting():
     assert "both empty" in p["empty_union"]
     assert set(p["resolutions"]) == {"network", "original"}
     assert "squash" in p["resize"]
+
+
+def test_per_family_scores_on_a_hand_built_set():
+    """Each sentence's IoU goes to its family; a family's mIoU is the mean over its sentences."""
+    shape = (8, 8)
+    target = box(shape, 0, 0, 4, 4)  # 16 pixels
+    # sentence_id -> family; row r uses sentence_ids[r].
+    families = ["colour_only", "location", "location", "relation"]
+    preds = [
+        box(shape, 0, 0, 4, 4),  # colour_only: IoU 1
+        box(shape, 0, 0, 2, 4),  # location: I 8, U 16 -> 0.5
+        np.zeros(shape, np.uint8),  # location: 0
+        box(shape, 0, 0, 4, 2),  # relation: 0.5
+        box(shape, 4, 4, 8, 8),  # location (sentence 1 again): 0
+    ]
+    sentence_ids = np.array([0, 1, 2, 3, 1], np.int32)
+    groups = evaluate.GroupedIoU(families)
+    for pred, sid in zip(preds, sentence_ids):
+        groups.add(sid, *intersection_union(pred, target))
+    r = groups.result()
+    assert set(r) == {"colour_only", "location", "relation"}
+    assert r["colour_only"]["mIoU"] == 1.0 and r["colour_only"]["num_sentences"] == 1
+    assert r["location"]["mIoU"] == pytest.approx(0.5 / 3) and r["location"]["num_sentences"] == 3
+    assert r["relation"]["mIoU"] == pytest.approx(0.5)
+
+
+def test_evaluate_batches_reports_families_that_partition_the_split():
+    rng = np.random.default_rng(7)
+    s = 16
+    batches = [eval_batch(rng, 4, s, [True] * 4), eval_batch(rng, 4, s, [True, True, False, False])]
+    for k, b in enumerate(batches):
+        b["image"] = np.zeros((4, s, s, 3), np.float32)
+        b["tokens"] = b["token_mask"] = np.zeros((4, 3), np.int32)
+        b["sentence_id"] = np.array([0, 1, 2, 3], np.int32) if k == 0 else np.array([3, 0, 1, 1])
+    margins = [rng.normal(size=(4, s // 4, s // 4)).astype(np.float32) for _ in batches]
+    pending = list(margins)
+    families = ["size", "size", "relation", "colour_only"]
+    res = evaluate.evaluate_batches(
+        lambda *a: {"margin": jnp.asarray(pending.pop(0))},
+        None,
+        iter(batches),
+        lambda b: b,
+        0.5,
+        families=families,
+    )
+    fam = res["families"]
+    # Sentences scored: ids 0,1,2,3 then 3,0 (padding rows excluded).
+    assert {k: v["num_sentences"] for k, v in fam.items()} == {
+        "size": 3,
+        "relation": 1,
+        "colour_only": 2,
+    }
+    n = res["network"]["num_sentences"]
+    assert sum(v["num_sentences"] for v in fam.values()) == n == 6
+    weighted = sum(v["mIoU"] * v["num_sentences"] for v in fam.values()) / n
+    assert weighted == pytest.approx(res["network"]["mIoU"])
+
+
+def test_embedded_expression_families_are_the_generators():
+    from rkd_jax.data import synthetic
+
+    seen = set()
+    for i in range(12):
+        r = synthetic.make_image(0, i, "val")
+        for _, sents in r["refs"]["refcoco"]:
+            for family, sent in sents:
+                assert synthetic.expression_family(sent) == family, sent
+                seen.add(family)
+    assert len(seen) >= 4

@@ -417,7 +417,7 @@ BATCH = {
 
 def distill_cfg(**kw):
     c = ml_collections.ConfigDict()
-    c.method = "rkd"
+    c.method = "vl_channel"
     c.lambda_vl = 0.5
     c.lambda_channel = 0.5
     c.channel_norm = "hw"
@@ -511,10 +511,39 @@ def test_none_method_and_supervised():
 
 
 def test_unknown_method_lists_valid_ones():
-    with pytest.raises(ValueError, match="method='fitnet'.*'rkd'.*'ickd'"):
+    with pytest.raises(ValueError, match="method='fitnet'.*'vl_channel'.*'ickd'"):
         losses.distillation_losses(model_out(1), model_out(2), BATCH, distill_cfg(method="fitnet"))
     with pytest.raises(ValueError, match="lambda_vl=-1.0"):
         losses.distillation_losses(model_out(1), model_out(2), BATCH, distill_cfg(lambda_vl=-1.0))
+
+
+def test_rkd_is_an_alias_of_the_papers_method_that_warns():
+    """'rkd' means Park et al.'s relational KD elsewhere: it still runs the paper's loss here,
+    with a warning that names the new method."""
+    t, s = model_out(1), model_out(2)
+    want = losses.distillation_losses(t, s, BATCH, distill_cfg())
+    with pytest.warns(FutureWarning, match="'rkd' is an alias of 'vl_channel'"):
+        got = losses.distillation_losses(t, s, BATCH, distill_cfg(method="rkd"))
+    assert set(got) == set(want)
+    for k in want:
+        assert float(got[k]) == float(want[k])
+    assert float(want["loss_vl"]) > 0 and float(want["loss_channel"]) > 0
+
+
+def test_teacher_targets_pass_precomputed_values_through():
+    """Targets computed once give exactly the losses of the raw teacher outputs."""
+    t, s = model_out(1), model_out(2)
+    for method in ("vl_channel", "logit_kd", "cwd", "skd", "ickd"):
+        cfg = distill_cfg(method=method)
+        targets = losses.teacher_targets(t, cfg)
+        assert set(targets) == set(_losses.target_keys(cfg))
+        a = losses.distillation_losses(t, s, BATCH, cfg)
+        b = losses.distillation_losses(targets, s, BATCH, cfg)
+        for k in a:
+            assert float(a[k]) == float(b[k]), (method, k)
+    assert _losses.target_keys(distill_cfg(lambda_vl=0.0)) == ("channel_correlation",)
+    assert _losses.target_keys(distill_cfg(lambda_channel=0.0)) == ("vl_attention",)
+    assert _losses.target_keys(distill_cfg(method="none")) == ()
 
 
 def test_gradients_reach_student_not_teacher():

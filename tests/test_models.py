@@ -10,7 +10,7 @@ import pytest
 
 from rkd_jax.models import build
 from rkd_jax.models.bert import BertConfig
-from rkd_jax.models.fusion import VLFusion, vl_attention
+from rkd_jax.models.fusion import VLFusion, spatial_coordinates, vl_attention
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -116,3 +116,60 @@ def test_tiny_segmenter_forward_and_text_cache_equivalence():
     text = m.apply(v, tokens, mask, method=m.encode_text)
     out2 = m.apply(v, images, tokens, mask, text_features=text)
     np.testing.assert_allclose(np.asarray(out["logits"]), np.asarray(out2["logits"]), atol=1e-5)
+
+
+def test_spatial_coordinates_are_hu_et_al_cells():
+    c = np.asarray(spatial_coordinates(2, 4))  # 2 rows, 4 columns
+    assert c.shape == (8, 8)
+    # Row-major: pixel 5 is row 1, column 1 -> x in [-0.5, 0], y in [0, 1].
+    np.testing.assert_allclose(c[5], [-0.5, 0.0, 0.0, 1.0, -0.25, 0.5, 0.25, 0.5])
+    np.testing.assert_allclose(c[0, :4], [-1, -1, -0.5, 0])
+    np.testing.assert_allclose(c[7, :4], [0.5, 0, 1, 1])
+
+
+def test_coord_map_lets_attention_depend_on_position_and_keeps_padding_rule():
+    """Without coordinates, equal features at two positions get equal A; with them, not."""
+    rng = np.random.default_rng(2)
+    v = jnp.asarray(np.broadcast_to(rng.normal(size=(1, 1, 1, 6)), (1, 3, 3, 6)), jnp.float32)
+    t = jnp.asarray(rng.normal(size=(1, 4, 10)), jnp.float32)
+    mask = jnp.array([[1, 1, 1, 0]])
+    for coord_map in (False, True):
+        mod = VLFusion(dim=8, coord_map=coord_map)
+        params = mod.init(jax.random.key(0), v, t, mask)
+        out, a = mod.apply(params, v, t, mask)
+        a = np.asarray(a)
+        spread = np.abs(a - a[:, :1]).max()
+        assert (spread > 1e-3) == coord_map, (coord_map, spread)
+        np.testing.assert_array_equal(a[..., 3], 0.0)  # padded word: zero weight either way
+        np.testing.assert_allclose(a[..., :3].sum(-1), 1.0, rtol=1e-5)
+        assert out.shape == v.shape
+
+
+def test_multiply_fusion_scales_v_where_add_shifts_it():
+    rng = np.random.default_rng(3)
+    v = jnp.asarray(rng.normal(size=(2, 3, 3, 4)), jnp.float32)
+    t = jnp.asarray(rng.normal(size=(2, 5, 10)), jnp.float32)
+    mask = jnp.array([[1, 1, 1, 1, 0], [1, 1, 0, 0, 0]])
+    add, mul = VLFusion(dim=8, mode="add"), VLFusion(dim=8, mode="multiply")
+    params = add.init(jax.random.key(0), v, t, mask)  # same parameters for both modes
+    out_add, a_add = add.apply(params, v, t, mask)
+    out_mul, a_mul = mul.apply(params, v, t, mask)
+    np.testing.assert_array_equal(np.asarray(a_add), np.asarray(a_mul))  # A is the same
+    delta = out_add - v
+    np.testing.assert_allclose(np.asarray(out_mul), np.asarray(v * (1 + delta)), rtol=1e-6)
+    # A zero visual feature stays zero under multiply whatever the expression says.
+    out0, _ = mul.apply(params, jnp.zeros_like(v), t, mask)
+    np.testing.assert_array_equal(np.asarray(out0), 0.0)
+    with pytest.raises(ValueError, match="multiply"):
+        VLFusion(dim=8, mode="concat").init(jax.random.key(0), v, t, mask)
+
+
+def test_old_configs_without_the_new_fields_build_the_papers_fusion():
+    c = load_config("distill", "tiny")
+    old = c.student.copy_and_resolve_references()
+    del old["coord_map"]
+    del old["fusion_mode"]
+    m = build.build_model(old, bert_config=BertConfig.base())
+    assert (m.coord_map, m.fusion_mode) == (False, "add")
+    assert build.architecture(old)["coord_map"] is False
+    assert build.architecture(old)["fusion_mode"] == "add"

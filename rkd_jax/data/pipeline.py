@@ -173,6 +173,20 @@ def sentence_table(data_config, tokenizer: Tokenizer, split: str) -> tuple[np.nd
     return ids, mask
 
 
+def sentence_families(data_config, split: str) -> list[str] | None:
+    """Expression family of each row of the split's sentence table (`sentence_table` order),
+    for the embedded data (its grammar knows them: location, colour_shape, relation, ...);
+    None for real REFER data, whose expressions have no families."""
+    if data_config.root:
+        return None
+    from rkd_jax.data import synthetic
+
+    tables = _builder(data_config).info.metadata["sentences"]
+    if split not in tables:
+        return None
+    return [synthetic.expression_family(s) for s in tables[split]]
+
+
 def steps_per_epoch(data_config, batch_size: int) -> int:
     """Training steps per epoch at global batch `batch_size` (remainder dropped)."""
     name = _check_split(data_config, data_config.train_split, flat=False)
@@ -195,10 +209,13 @@ def num_eval_examples(data_config, split: str) -> int:
 class _TrainBatches:
     """Step number -> this process's rows of that global batch (picklable for grain workers)."""
 
-    def __init__(self, source, ids, mask, num_objects, batch_size, seed, index, count, size):
+    def __init__(
+        self, source, ids, mask, num_objects, batch_size, seed, index, count, size, offsets=None
+    ):
         self.source, self.ids, self.mask = source, ids, mask
         self.num_objects, self.batch_size, self.seed = num_objects, batch_size, seed
         self.index, self.count, self.size = index, count, size
+        self.offsets = offsets  # pair_id = offsets[object] + sentence index (train_pairs)
         self.steps = num_objects // (batch_size * count)
         self._epoch = None
 
@@ -219,10 +236,12 @@ class _TrainBatches:
         ]
         examples = self.source.read(rows)
         sentence_id = np.empty(len(rows), np.int32)
+        choice = np.empty(len(rows), np.int64)
         for r, (obj, ex) in enumerate(zip(rows, examples, strict=True)):
             choices = ex["sentence_ids"]
-            sentence_id[r] = choices[min(int(pick[obj] * len(choices)), len(choices) - 1)]
-        return {
+            choice[r] = min(int(pick[obj] * len(choices)), len(choices) - 1)
+            sentence_id[r] = choices[choice[r]]
+        batch = {
             "image": np.stack([_decode_image(ex, self.size) for ex in examples]),
             "mask": np.stack([_resize_mask(ex["mask"], self.size) for ex in examples]),
             "tokens": self.ids[sentence_id],
@@ -230,6 +249,9 @@ class _TrainBatches:
             "sentence_id": sentence_id,
             "ref_id": np.array([ex["ref_id"] for ex in examples], np.int32),
         }
+        if self.offsets is not None:
+            batch["pair_id"] = (self.offsets[rows] + choice).astype(np.int32)
+        return batch
 
 
 class _EvalBatches:
@@ -370,13 +392,15 @@ def make_train_iterator(
     process_index: int = 0,
     process_count: int = 1,
     num_epochs: int | None = None,
+    pair_offsets: np.ndarray | None = None,
 ):
     """Training batches of this process (a BatchIterator: get_state/set_state, close).
 
     Each batch: image float32 [B, S, S, 3] in [0, 1], mask int32 [B, S, S] in {0, 1}, tokens and
     token_mask int32 [B, T], sentence_id int32 [B] (row of `sentence_table(train_split)`) and
     ref_id int32 [B] (which object), with B = `batch_size` per process, S = image_size,
-    T = max_tokens. `num_epochs=None`: forever.
+    T = max_tokens. `num_epochs=None`: forever. With `pair_offsets` (from `train_pairs`) also
+    pair_id int32 [B]: which (object, sentence) pair of the split the row is.
     """
     _check_process(batch_size, process_index, process_count)
     split = _check_split(data_config, data_config.train_split, flat=False)
@@ -393,6 +417,7 @@ def make_train_iterator(
         process_index,
         process_count,
         int(data_config.image_size),
+        offsets=None if pair_offsets is None else np.asarray(pair_offsets, np.int64),
     )
     total = _INFINITE if num_epochs is None else steps * int(num_epochs)
     identity = {
@@ -405,6 +430,79 @@ def make_train_iterator(
         "num_objects": len(source),
     }
     return BatchIterator(loader, total, int(data_config.num_workers), identity)
+
+
+def train_pairs(data_config) -> tuple[np.ndarray, np.ndarray]:
+    """Every (object, sentence) pair of the train split, in a fixed order.
+
+    Returns (offsets int64 [N + 1], sentence_id int32 [P]): the pairs of object i (its row in
+    the train split) are offsets[i] .. offsets[i + 1] - 1, in the order of its sentences, and
+    sentence_id[p] is pair p's row of `sentence_table(train_split)`. Training batches carry
+    pair_id = offsets[object] + the sentence drawn (`make_train_iterator(pair_offsets=...)`).
+    """
+    source = _source(data_config, _check_split(data_config, data_config.train_split, flat=False))
+    counts, sentence_ids = [], []
+    n = len(source)
+    for start in range(0, n, 512):
+        for ex in source.read(list(range(start, min(n, start + 512)))):
+            ids = np.asarray(ex["sentence_ids"], np.int32).reshape(-1)
+            counts.append(len(ids))
+            sentence_ids.append(ids)
+    offsets = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
+    return offsets, np.concatenate(sentence_ids) if sentence_ids else np.zeros(0, np.int32)
+
+
+class _PairBatches:
+    """Batch number -> the (object, sentence) pairs k*B .. k*B + B - 1 of the train split."""
+
+    def __init__(self, source, ids, mask, offsets, sentence_ids, batch_size, size):
+        self.source, self.ids, self.mask = source, ids, mask
+        self.offsets, self.sentence_ids = offsets, sentence_ids
+        self.batch_size, self.size = batch_size, size
+
+    def __call__(self, k: int) -> dict:
+        b, size, n = self.batch_size, self.size, len(self.sentence_ids)
+        pairs = np.arange(int(k) * b, min(n, (int(k) + 1) * b))
+        objects = np.searchsorted(self.offsets, pairs, side="right") - 1
+        unique, inverse = np.unique(objects, return_inverse=True)
+        examples = self.source.read(list(unique))
+        images = [_decode_image(ex, size) for ex in examples]
+        image = np.zeros((b, size, size, 3), np.float32)
+        sentence_id = np.zeros(b, np.int32)  # padding rows: sentence 0, a real expression
+        image[: len(pairs)] = np.stack([images[i] for i in inverse]) if len(pairs) else 0
+        sentence_id[: len(pairs)] = self.sentence_ids[pairs]
+        pair_id = np.full(b, -1, np.int32)
+        pair_id[: len(pairs)] = pairs
+        return {
+            "image": image,
+            "tokens": self.ids[sentence_id],
+            "token_mask": self.mask[sentence_id],
+            "sentence_id": sentence_id,
+            "pair_id": pair_id,
+            "valid": np.arange(b) < len(pairs),
+        }
+
+
+def make_pair_iterator(
+    data_config, tokenizer: Tokenizer, batch_size: int, offsets, sentence_ids
+) -> BatchIterator:
+    """Every (object, sentence) pair of the train split once (`train_pairs` order), in batches
+    of `batch_size` padded at the end (valid bool [B]); what a frozen teacher's targets are
+    computed over. Each process reads all pairs."""
+    split = _check_split(data_config, data_config.train_split, flat=False)
+    ids, mask = sentence_table(data_config, tokenizer, data_config.train_split)
+    loader = _PairBatches(
+        _source(data_config, split),
+        ids,
+        mask,
+        np.asarray(offsets, np.int64),
+        np.asarray(sentence_ids, np.int32),
+        int(batch_size),
+        int(data_config.image_size),
+    )
+    n = len(sentence_ids)
+    identity = {"kind": "pairs", "batch_size": int(batch_size), "num_pairs": n}
+    return BatchIterator(loader, -(-n // int(batch_size)), int(data_config.num_workers), identity)
 
 
 def make_eval_iterator(

@@ -19,7 +19,13 @@ ARCH_FIELDS = (
     "fusion_dim",
     "fpn_dim",
     "attention_norm",
+    "coord_map",
+    "fusion_mode",
 )
+
+
+# What configs saved before a field existed meant (the paper's fusion).
+_OLD = {k: None for k in ARCH_FIELDS} | {"coord_map": False, "fusion_mode": "add"}
 
 
 def resolve_dtype(name: str) -> Any:
@@ -59,6 +65,9 @@ def build_model(model_cfg, dtype: Any = jnp.float32, bert_config: BertConfig | N
         fusion_dim=int(model_cfg.fusion_dim),
         fpn_dim=int(model_cfg.fpn_dim),
         attention_norm=model_cfg.attention_norm,
+        # Configs saved before the field existed had no coordinate map.
+        coord_map=bool(model_cfg.get("coord_map", False)),
+        fusion_mode=str(model_cfg.get("fusion_mode", "add")),
         dtype=dtype,
     )
 
@@ -146,6 +155,6 @@ def _replace(target, loaded, what: str):
 def architecture(model_cfg) -> dict:
     """The config fields that decide the parameter shapes (for mismatch errors)."""
     return {
-        k: (list(model_cfg[k]) if k == "backbone_stage_sizes" else model_cfg[k])
+        k: (list(model_cfg[k]) if k == "backbone_stage_sizes" else model_cfg.get(k, _OLD[k]))
         for k in ARCH_FIELDS
     }

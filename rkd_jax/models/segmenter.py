@@ -65,6 +65,8 @@ class Segmenter(nn.Module):
     fusion_dim: int = 256
     fpn_dim: int = 256
     attention_norm: str = "softmax"
+    coord_map: bool = False  # beyond the paper: pixel coordinates enter the fusion
+    fusion_mode: str = "add"  # "add" (the paper's V + Linear(O)) | "multiply" (beyond it)
     dtype: Any = jnp.float32
     fold_bn: bool = False  # inference-only, BatchNorm folded into convs (rkd_jax.fold)
 
@@ -84,7 +86,14 @@ class Segmenter(nn.Module):
             self.text_config, num_layers=self.text_num_layers, dtype=self.dtype
         )
         self.fusions = [
-            VLFusion(self.fusion_dim, self.attention_norm, self.dtype, name=f"fusion_v{s}")
+            VLFusion(
+                self.fusion_dim,
+                self.attention_norm,
+                self.dtype,
+                coord_map=self.coord_map,
+                mode=self.fusion_mode,
+                name=f"fusion_v{s}",
+            )
             for s in FUSED_STAGES
         ]
         self.decoder = FPN(self.fpn_dim, self.dtype, fold_bn=self.fold_bn)
