@@ -17,7 +17,6 @@ example, 0 for padding in an evaluation batch), so padded rows never move a loss
 from __future__ import annotations
 
 import warnings
-
 from collections.abc import Mapping, Sequence
 from typing import Any
 

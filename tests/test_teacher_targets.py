@@ -91,8 +91,8 @@ def test_cached_targets_give_the_online_teachers_losses_and_gradients(setting, m
         t_vars, batch["image"], batch["tokens"], batch["token_mask"], train=False
     )
     cached = teacher_targets.lookup(table, jnp.asarray(batch["pair_id"]))
-    (l_on, t_on), g_on = jax.value_and_grad(loss, has_aux=True)(s_vars["params"], online)
-    (l_ca, t_ca), g_ca = jax.value_and_grad(loss, has_aux=True)(s_vars["params"], cached)
+    (_, t_on), g_on = jax.value_and_grad(loss, has_aux=True)(s_vars["params"], online)
+    (_, t_ca), g_ca = jax.value_and_grad(loss, has_aux=True)(s_vars["params"], cached)
     assert float(t_on["loss"]) > float(t_on["loss_seg"])  # the distillation term is live
     for key in t_on:
         np.testing.assert_allclose(float(t_ca[key]), float(t_on[key]), rtol=RTOL, atol=ATOL)
