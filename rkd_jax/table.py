@@ -446,6 +446,96 @@ def plot(
     plt.close(fig)
 
 
+def val_curve(run_dir: Path) -> list[tuple[float, float]]:
+    """[(epoch, val mIoU)] of one run, from its metrics.jsonl (the last row per epoch wins:
+    a resumed run may repeat a validation)."""
+    f = Path(run_dir) / "metrics.jsonl"
+    if not f.is_file():
+        return []
+    by_epoch: dict[float, float] = {}
+    for line_no, line in enumerate(f.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            raise TableError(f"{f}:{line_no}: not a JSON line") from None
+        if "val_mIoU" in row and "epoch" in row:
+            by_epoch[round(float(row["epoch"]), 3)] = float(row["val_mIoU"])
+    return sorted(by_epoch.items())
+
+
+def last_quarter_gain(curve: Sequence[tuple[float, float]]) -> float | None:
+    """Val mIoU gained over the last quarter of a run's epochs (the plateau test: < 1 point).
+
+    The value at the last epoch minus the value at the last validation at or before 3/4 of
+    the run; None when the curve has fewer than two validations.
+    """
+    if len(curve) < 2:
+        return None
+    end = curve[-1][0]
+    before = [v for e, v in curve if e <= 0.75 * end + 1e-9]
+    if not before:
+        return None
+    return curve[-1][1] - before[-1]
+
+
+def mean_curves(
+    root: Path, rows: Sequence[tuple[str, str]], datasets: Sequence[str], seeds: Sequence[int]
+) -> dict[tuple[str, str], dict]:
+    """(run, dataset) -> {"epochs", "mean", "std", "n", "gain_last_quarter"} over seeds (the
+    shared teacher: its one run), from every run's metrics.jsonl; epochs where not every
+    found seed validated are left out."""
+    out = {}
+    for run, _ in rows:
+        for ds in datasets:
+            dirs = [Path(root) / ds / run]
+            if not dirs[0].is_dir():
+                dirs = [Path(root) / ds / f"seed{k}" / run for k in seeds]
+            curves = [c for c in (val_curve(d) for d in dirs) if c]
+            if not curves:
+                continue
+            common = sorted(set.intersection(*({e for e, _ in c} for c in curves)))
+            values = np.array([[dict(c)[e] for e in common] for c in curves]) * 100
+            gains = [g for g in (last_quarter_gain(c) for c in curves) if g is not None]
+            out[(run, ds)] = {
+                "epochs": common,
+                "mean": values.mean(axis=0).tolist(),
+                "std": (values.std(axis=0, ddof=1) if len(curves) > 1 else 0 * values[0]).tolist(),
+                "n": len(curves),
+                "gain_last_quarter": float(np.mean(gains)) * 100 if gains else None,
+            }
+    return out
+
+
+def plot_curves(path: Path, curves: dict, rows: Sequence[tuple[str, str]], datasets) -> None:
+    """One panel per dataset: each row's mean val mIoU over seeds against epochs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, max(1, len(datasets)), figsize=(6 * max(1, len(datasets)), 4.2))
+    axes = np.atleast_1d(axes)
+    cmap = plt.get_cmap("tab20")
+    for ax, ds in zip(axes, datasets):
+        for i, (run, label) in enumerate(rows):
+            c = curves.get((run, ds))
+            if not c:
+                continue
+            e, m, sd = np.array(c["epochs"]), np.array(c["mean"]), np.array(c["std"])
+            ax.plot(e, m, marker=".", label=f"{label} (n={c['n']})", color=cmap(i % 20))
+            if c["n"] > 1:
+                ax.fill_between(e, m - sd, m + sd, color=cmap(i % 20), alpha=0.15)
+        ax.set_title(f"{ds}: val mIoU during training (mean ± std over seeds)")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("val mIoU (%), network resolution")
+        ax.grid(alpha=0.3)
+    axes[-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
 def _launch_info(root: Path) -> dict:
     f = Path(root) / "launch.json"
     return _read_json(f) if f.is_file() else {}
@@ -692,6 +782,38 @@ def build(
         lines += ["", "## Wall time per stage (launch.sh, summed over runs and invocations)", ""]
         lines += _md_table(["stage", "runs", "failed", "minutes"], times)
 
+    ds_list = list(dict.fromkeys(d for d, _ in columns))
+    curves = mean_curves(root, rows, ds_list, seed_list)
+    if curves:
+        lines += [
+            "",
+            "## Learning curves (val mIoU per epoch, from each run's metrics.jsonl)",
+            "",
+            "![val mIoU curves](table1_curves.png)",
+            "",
+            (
+                "Plateau test: the val mIoU gained over the last quarter of a run's epochs (mean "
+                "over seeds, points); under 1 point counts as converged."
+            ),
+            "",
+        ]
+        lines += _md_table(
+            ["model", *ds_list],
+            [
+                [label]
+                + [
+                    "-"
+                    if (run, d) not in curves or curves[(run, d)]["gain_last_quarter"] is None
+                    else f"{curves[(run, d)]['gain_last_quarter']:+.2f} "
+                    f"({curves[(run, d)]['epochs'][-1]:g} ep)"
+                    for d in ds_list
+                ]
+                for run, label in rows
+                if any((run, d) in curves for d in ds_list)
+            ],
+        )
+        plot_curves(out / "table1_curves.png", curves, rows, ds_list)
+
     (out / "table1.md").write_text("\n".join(lines) + "\n")
     plot(out / "table1_miou.png", c, rows, columns, seed_list)
 
@@ -713,6 +835,7 @@ def build(
             for run, label in rows
         },
         "teacher_margin_val": margin,
+        "curves": {f"{run}/{ds}": v for (run, ds), v in curves.items()},
         "paper": {r: {_column_name(k): v for k, v in t.items()} for r, t in PAPER_TABLE1.items()},
     }
     (out / "table1.json").write_text(json.dumps(payload, indent=2) + "\n")

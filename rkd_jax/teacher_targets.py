@@ -12,7 +12,8 @@ values either way (tests/test_teacher_targets.py compares losses and gradients).
 The table is kept on every device, so it is for datasets whose targets fit in memory (the
 embedded miniature: ~25 KB per pair at 96 px, ~0.5 GB for the default data); the paper
 setting (384 px, 256-channel correlations, 120k sentences) keeps the teacher in the step.
-With `run.text_cache_dir` set the table is also stored on disk under a key that
+With `run.text_cache_dir` set the table is also stored on disk (its teacher_targets/
+subdirectory) under a key that
 fingerprints the teacher's variables, its config, the distillation settings that shape the
 targets, the data, the compute dtype, the backend and the jax version (feature_cache).
 """
@@ -141,7 +142,7 @@ def compute_table(
             jax.default_backend(),
             jax.__version__,
         )
-        table, hit = _load_or_compute_all(Path(directory), key, compute)
+        table, hit = _load_or_compute_all(Path(directory) / "teacher_targets", key, compute)
     nbytes = sum(v.nbytes for v in table.values())
     log.info(
         "teacher targets (%s) of %d (image, sentence) pairs: %.0f MB in %.1fs (%s)",

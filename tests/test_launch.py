@@ -340,6 +340,13 @@ def test_launch_tiny_runs_every_stage_then_skips_them(tmp_path):
     md = (out / "table1.md").read_text()
     assert _row(md, "student + ICKD", "mIoU (%), network resolution")[0].endswith("(n=1)")
     assert (out / "table1_miou.png").stat().st_size > 0
+    # The report draws every row's val curve from the runs' metrics.jsonl.
+    assert (out / "table1_curves.png").stat().st_size > 0
+    assert "## Learning curves" in md
+    curves = json.loads((out / "table1.json").read_text())["curves"]
+    assert {"teacher/refcoco", "student/refcoco", "distill/refcoco"} <= set(curves)
+    # Distillation runs read the teacher's targets from a table computed once per method.
+    assert list((root / "text_cache" / "teacher_targets").glob("*-names.npy"))
     assert json.loads((out / "model_report_tiny.json").read_text())[0]["params_M"] > 0
     ckpts = _checkpoints(root)
     assert len(ckpts) == len(TINY_RUNS)
@@ -367,3 +374,31 @@ def test_launch_tiny_runs_every_stage_then_skips_them(tmp_path):
     assert (root / "refcoco/seed0/cwd/results/refcoco_val.json").is_file()
     assert "run report table1" in third  # a results file is newer than the table
     assert _checkpoints(root) == ckpts
+
+
+def test_val_curves_plateau_gain_and_mean_over_seeds(tmp_path):
+    root = tmp_path / "runs"
+    rows = [(1.0, 0.20), (2.0, 0.30), (3.0, 0.40), (4.0, 0.42)]
+    for k, shift in ((0, 0.0), (1, 0.02)):
+        d = root / "refcoco" / f"seed{k}" / "student"
+        d.mkdir(parents=True)
+        lines = [json.dumps({"step": 5, "loss": 1.0, "epoch": 0.5})]  # a log row, no val
+        lines += [
+            json.dumps({"step": int(e * 10), "epoch": e, "val_mIoU": v + shift}) for e, v in rows
+        ]
+        if k == 1:  # a resumed run repeats its last validation: the last row per epoch wins
+            lines.append(json.dumps({"step": 40, "epoch": 4.0, "val_mIoU": 0.46}))
+        (d / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    curve = table.val_curve(root / "refcoco/seed0/student")
+    assert curve == rows
+    # Last quarter of 4 epochs: from epoch 3 (0.40) to 4 (0.42).
+    assert table.last_quarter_gain(curve) == pytest.approx(0.02)
+    assert table.last_quarter_gain(curve[:1]) is None
+    got = table.mean_curves(root, [("student", "s")], ["refcoco"], [0, 1])[("student", "refcoco")]
+    assert got["n"] == 2 and got["epochs"] == [1.0, 2.0, 3.0, 4.0]
+    assert got["mean"] == pytest.approx([21.0, 31.0, 41.0, 44.0])
+    assert got["gain_last_quarter"] == pytest.approx((2.0 + 4.0) / 2)
+    bad = root / "refcoco/seed0/student/metrics.jsonl"
+    bad.write_text("{not json\n")
+    with pytest.raises(table.TableError, match="metrics.jsonl:1"):
+        table.val_curve(bad.parent)
