@@ -315,7 +315,7 @@ def restore(path: str | Path) -> tuple[ml_collections.ConfigDict, dict, dict]:
         meta = ckpt.read_meta(step)
         # Without a target, arrays land on this process's first device, whatever the number
         # of devices they were saved from (a checkpoint of 8 GPUs loads on a laptop).
-        fallback = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        fallback = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         with _naming_damage(directory / str(step) / "state"):
             out = ckpt.manager.restore(
                 step,

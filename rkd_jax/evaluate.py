@@ -401,7 +401,8 @@ def evaluate_checkpoint(
     for split in splits:
         refer.check_dataset(config.data.dataset, config.data.split_by, split)
     prepare.ensure_prepared(config.data)
-    counts = {split: pipeline.num_eval_examples(config.data, split) for split in splits}
+    for split in splits:  # a split the prepared dataset lacks fails here, before any writing
+        pipeline.num_eval_examples(config.data, split)
     if out is None:
         results_dir = run_dir / "results"
         if path == directory / str(step):
@@ -440,7 +441,7 @@ def evaluate_checkpoint(
                 "(original)",
                 restored.role,
                 split,
-                counts[split],
+                res["network"]["num_sentences"],
                 res["network"]["mIoU"],
                 res["network"]["oIoU"],
                 res["original"]["mIoU"],

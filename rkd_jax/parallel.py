@@ -193,5 +193,16 @@ def put_batch(batch: Mapping[str, Any], mesh: jax.sharding.Mesh) -> dict[str, ja
 
 
 def replicate(tree: Any, mesh: jax.sharding.Mesh) -> Any:
-    """Place a pytree on every device of the mesh (parameters, optimizer state, tables)."""
+    """Place a pytree on every device of the mesh (parameters, optimizer state, tables).
+
+    With several processes every one must pass the same values. Arrays already on one of this
+    process's devices (restored variables) go through the host first: moving a device array to
+    another process's devices is a cross-host transfer the CPU and GPU backends refuse, while
+    host values are placed by each process on its own devices.
+    """
+    if jax.process_count() > 1:
+        tree = jax.tree.map(
+            lambda x: np.asarray(x) if isinstance(x, jax.Array) and x.is_fully_addressable else x,
+            tree,
+        )
     return jax.device_put(tree, replicated(mesh))

@@ -463,7 +463,7 @@ def load(
     # make every call run once per device.
     import jax
 
-    variables = jax.device_put(variables, jax.devices()[0])
+    variables = jax.device_put(variables, jax.local_devices()[0])
     return Predictor(config, model_config, role, variables, meta, batch_size, threshold, dtype)
 
 

@@ -6,6 +6,7 @@ import json
 import os
 import pickle
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -168,3 +169,62 @@ def test_refer_root_with_images_apart_and_a_missing_split(tiny_run, tmp_path, ca
         assert got["metrics"][resolution] == want[resolution]
     assert got["protocol"]["data_root"] == str(root)
     assert not os.path.isabs(got["checkpoint"])
+
+
+def _slurm_job_id() -> int:
+    """A job id whose coordinator port (JAX: 61440 + job_id % 4096) is free here."""
+    for port in range(61440 + os.getpid() % 4000, 65536):
+        with socket.socket() as s:
+            try:
+                s.bind(("localhost", port))
+            except OSError:
+                continue
+        return 4096 + port - 61440
+    raise RuntimeError("no free port for the coordinator")
+
+
+@pytest.mark.slow
+def test_two_slurm_tasks_score_as_one_process(tiny_run, tmp_path):
+    """`srun -n2 python -m rkd_jax.evaluate ...` on one CPU host: jax.distributed starts from the
+    Slurm environment alone (gloo), each task scores its own rows, task 0 writes the results,
+    which equal the run's own."""
+    xla = [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]
+    env = dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        XLA_FLAGS=" ".join(["--xla_force_host_platform_device_count=1", *xla]),
+        SLURM_JOB_ID=str(_slurm_job_id()),
+        SLURM_STEP_NODELIST="localhost",
+        SLURM_NTASKS="2",
+        SLURM_STEP_NUM_TASKS="2",
+        SLURM_STEP_NUM_NODES="2",
+        SLURM_LOCALID="0",  # as if each task ran on its own host
+    )
+    out = tmp_path / "scores.json"
+    cmd = [sys.executable, "-m", "rkd_jax.evaluate", "--checkpoint", str(tiny_run)]
+    cmd += ["--splits", "val", "testA", "--out", str(out)]
+    tasks = [
+        subprocess.Popen(
+            cmd,
+            cwd=ROOT,
+            env=dict(env, SLURM_PROCID=str(i)),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    logs = [t.communicate(timeout=600)[0] for t in tasks]
+    for t, log in zip(tasks, logs):
+        assert t.returncode == 0, log[-3000:]
+    assert "slurm job, process 1 of 2" in logs[1]
+    got = json.loads(out.read_text())
+    for split in ("val", "testA"):
+        want = saved(tiny_run, split)
+        assert got[split]["checkpoint"] == want["checkpoint"]
+        assert got[split]["protocol"] == want["protocol"]
+        # Each task's batch is half the global one: sums agree to float rounding.
+        for resolution in ("network", "original"):
+            assert got[split]["metrics"][resolution] == pytest.approx(
+                want["metrics"][resolution], rel=1e-6
+            )
