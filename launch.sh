@@ -3,6 +3,10 @@
 #
 #   data       prepare the TFDS dataset of every dataset (once)
 #   teacher    the teacher, fully supervised
+#   sweep      every distillation row once per factor of its default loss weight (seed 0, val
+#              only, --sweep-factors); the best val mIoU is chosen before the seeds run
+#              (python -m rkd_jax.sweep: <out>/sweep.json, sweep.md) and the later stages
+#              train with the chosen weights
 #   student    the student baseline (no distillation)
 #   distill    the paper: student + L_VL + L_C from the trained teacher
 #   ablations  L_VL only (lambda_channel=0), L_C only (lambda_vl=0)
@@ -16,7 +20,10 @@
 # Every training run is `python -m rkd_jax.main` in <root>/<dataset>/seed<k>/<run> (the teacher:
 # one run per dataset, <root>/<dataset>/teacher, shared by every seed's students) and is
 # skipped when all its results files exist; a killed run resumes from its last checkpoint when
-# launch.sh is started again. See README.md ("The paper's experiment") and `launch.sh --help`.
+# launch.sh is started again. Every finished run's small files (results/*.json, config.json,
+# metrics.jsonl) are copied to <out>/runs/<same path>, which the report reads: commit them and
+# a later invocation on another machine skips those runs too (the teacher is retrained, same
+# seed, only when a run still to train needs its checkpoint). See README.md and --help.
 set -euo pipefail
 
 usage() {
@@ -34,6 +41,10 @@ usage: launch.sh [options] [--config.FIELD=VALUE ...]
   --efficientnet-b0 FILE
                       ImageNet EfficientNet-B0 weights: adds the B0 student runs (paper)
   --seeds N           seeds 0..N-1 of every run (default 3)
+  --sweep-factors "F ..."
+                      factors of each method's default loss weight tried by the sweep stage
+                      (default "0.1 1 10"; "" skips the sweep: the default weights are used;
+                      tiny setting: "")
   --root DIR          run directory (default runs/table1; runs/table1_paper for --paper,
                       runs/table1_tiny for --setting tiny)
   --out DIR           where the report goes (default results; results/paper for --paper,
@@ -57,7 +68,7 @@ die() {
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 PY=${PYTHON:-python}
-ALL_STAGES=(data teacher student distill ablations baselines lite0 eval report)
+ALL_STAGES=(data teacher sweep student distill ablations baselines lite0 eval report)
 
 SETTING=miniature
 SEEDS=3
@@ -73,6 +84,7 @@ RESNET18=""
 EFFNET_B0=""
 VERBOSE=0
 EXTRA=()
+SWEEP_ARG="unset"
 
 # Paths given on the command line are relative to the caller's directory.
 abspath() { realpath -m -- "$1"; }
@@ -91,6 +103,7 @@ while [[ $# -gt 0 ]]; do
     --resnet18) need_value "$@"; RESNET18=$(abspath "$2"); shift ;;
     --efficientnet-b0) need_value "$@"; EFFNET_B0=$(abspath "$2"); shift ;;
     --seeds) need_value "$@"; SEEDS=$2; shift ;;
+    --sweep-factors) [[ $# -ge 2 ]] || die "$1 needs a value"; SWEEP_ARG=$2; shift ;;
     --root) need_value "$@"; ROOT=$(abspath "$2"); shift ;;
     --out) need_value "$@"; OUT=$(abspath "$2"); shift ;;
     --stages) need_value "$@"; STAGES_ARG=$2; shift ;;
@@ -185,6 +198,15 @@ if [[ $SETTING == paper && -z "$RESNET101$RESNET18" ]]; then
     "initialisation (the paper starts from ImageNet)" >&2
 fi
 
+if [[ $SWEEP_ARG == unset ]]; then
+  if [[ $SETTING == tiny ]]; then SWEEP_ARG=""; else SWEEP_ARG="0.1 1 10"; fi
+fi
+read -r -a SWEEP_FACTORS <<<"$SWEEP_ARG"
+for f in "${SWEEP_FACTORS[@]}"; do
+  [[ $f =~ ^[0-9]*\.?[0-9]+$ ]] || die "--sweep-factors: $f is not a positive number"
+done
+SWEEP_ROWS=(distill vl_only channel_only logit_kd skd cwd ickd lite0_distill)
+
 ROOT=${ROOT:-$DEF_ROOT}
 OUT=${OUT:-${DEF_OUT:-$ROOT/report}}
 read -r -a DATASETS <<<"${DATASETS_ARG:-$DEF_DATASETS}"
@@ -272,16 +294,42 @@ stage_runs() {
   esac
 }
 
-results_complete() {  # DIR DATASET
-  local s
-  for s in "${SPLITS[@]}"; do
-    [[ -f $1/results/${2}_$s.json ]] || return 1
+ARCHIVE="$OUT/runs"  # the small files of every finished run, mirrored from $ROOT
+
+# results_complete DIR DATASET [SPLIT...]: every results file exists, in the run directory or in
+# its archived copy (results committed from an earlier invocation, maybe on another machine).
+results_complete() {
+  local dir=$1 ds=$2 s rel
+  shift 2
+  local splits=("$@")
+  ((${#splits[@]})) || splits=("${SPLITS[@]}")
+  rel=${dir#"$ROOT"/}
+  for s in "${splits[@]}"; do
+    [[ -f $dir/results/${ds}_$s.json || -f $ARCHIVE/$rel/results/${ds}_$s.json ]] || return 1
   done
 }
 
+# archive_run DIR: copy a finished run's small files to $ARCHIVE (never its checkpoints).
+archive_run() {
+  local dir=$1 rel dest f
+  rel=${dir#"$ROOT"/}
+  dest=$ARCHIVE/$rel
+  mkdir -p "$dest/results"
+  for f in config.json metrics.jsonl; do
+    [[ -f $dir/$f ]] && cp "$dir/$f" "$dest/$f.tmp" && mv "$dest/$f.tmp" "$dest/$f"
+  done
+  for f in "$dir"/results/*.json; do
+    [[ -f $f ]] && cp "$f" "$dest/results/.tmp" && mv "$dest/results/.tmp" "$dest/results/$(basename "$f")"
+  done
+  return 0
+}
+
 record_time() {  # STAGE RUN SECONDS STATUS
-  printf '%s\t%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" "$(date -u +%Y-%m-%dT%H:%M:%SZ)" \
-    >>"$ROOT/stage_times.tsv"
+  local line
+  line=$(printf '%s\t%s\t%s\t%s\t%s' "$1" "$2" "$3" "$4" "$(date -u +%Y-%m-%dT%H:%M:%SZ)")
+  echo "$line" >>"$ROOT/stage_times.tsv"
+  mkdir -p "$ARCHIVE"
+  echo "$line" >>"$ARCHIVE/stage_times.tsv"
 }
 
 # run_main STAGE NAME LOG ARGS...: one python -m rkd_jax.main, its output into LOG.
@@ -308,11 +356,31 @@ run_main() {
   RUN_SECONDS=$((SECONDS - t0))
 }
 
-args_for() {  # RUN DATASET SEED -> ARGS
+args_for() {  # RUN DATASET SEED [WEIGHTS] -> ARGS; WEIGHTS=chosen: the sweep's choice
   run_spec "$1"
   ARGS=(--config="$CFG" "${COMMON[@]}" "${RUN_OVR[@]}" --config.seed="$3"
         --config.data.dataset="$2" --config.data.eval_splits="$SPLITS_TUPLE"
         --config.run.text_cache_dir="$TEXT_CACHE_DIR" "${EXTRA[@]}")
+  if [[ ${4:-} == chosen && " ${SWEEP_ROWS[*]} " == *" $1 "* && -f $OUT/sweep.json ]]; then
+    local chosen
+    chosen=$("$PY" -m rkd_jax.sweep chosen --out "$OUT" --dataset "$2" "$1") ||
+      die "reading the sweep's choice for $2 $1 from $OUT/sweep.json failed"
+    [[ -n $chosen ]] && mapfile -t -O "${#ARGS[@]}" ARGS <<<"$chosen"
+  fi
+  return 0
+}
+
+# ensure_teacher DATASET: the teacher's checkpoint for a run that still has to train (its
+# results may be archived while the checkpoint is gone: retrain it, same seed, same config).
+ensure_teacher() {
+  local tdir="$ROOT/$1/teacher"
+  has_checkpoint "$tdir" && return 0
+  results_complete "$tdir" "$1" ||
+    { echo "launch.sh: FAILED: $1 runs need the trained teacher $tdir (run the teacher stage" \
+        "first)" >&2; exit 1; }
+  echo "run teacher $1/teacher again: its results are archived but its checkpoint is not here"
+  args_for teacher "$1" 0
+  run_main teacher "$1/teacher" "$ROOT/logs/${1}_teacher.log" "${ARGS[@]}" --workdir="$tdir"
 }
 
 # run_dir RUN DATASET SEED -> DIR, NAME. The teacher is one run per dataset (seed 0), shared by
@@ -342,17 +410,17 @@ train_stage() {
           echo "skip $stage $name: results exist"
           continue
         fi
-        args_for "$run" "$ds" "$k"
+        args_for "$run" "$ds" "$k" chosen
         if ((TEACHER)); then
           local tdir="$ROOT/$ds/teacher"
-          results_complete "$tdir" "$ds" ||
-            { echo "launch.sh: FAILED in stage $stage: $name needs the trained teacher $tdir" \
-                "(run the teacher stage first)" >&2; exit 1; }
+          ensure_teacher "$ds"
+          args_for "$run" "$ds" "$k" chosen
           ARGS+=(--config.teacher_checkpoint="$tdir")
         fi
         echo "run $stage $name (log: $ROOT/logs/${name//\//_}.log)"
         run_main "$stage" "$name" "$ROOT/logs/${name//\//_}.log" "${ARGS[@]}" --workdir="$dir"
         touch "$dir/.trained"
+        archive_run "$dir"
         echo "done $stage $name in ${RUN_SECONDS}s: $dir/results/"
       done
     done
@@ -363,6 +431,38 @@ train_stage() {
     echo "stage $stage: results in $ROOT/<dataset>/seed<k>/{$(stage_runs "$stage" | tr '\n' ' ' |
       sed 's/ $//; s/ /,/g')}/results/"
   fi
+}
+
+sweep_stage() {
+  local ds row f dir name
+  if ((${#SWEEP_FACTORS[@]} == 0)); then
+    echo "stage sweep: no --sweep-factors: the table's runs use the default weights"
+    return
+  fi
+  for ds in "${DATASETS[@]}"; do
+    for row in "${SWEEP_ROWS[@]}"; do
+      for f in "${SWEEP_FACTORS[@]}"; do
+        dir="$ROOT/$ds/sweep/$("$PY" -c "print(f'${row}_x{float(\"$f\"):g}')")"
+        name=${dir#"$ROOT"/}
+        if results_complete "$dir" "$ds" val; then
+          echo "skip sweep $name: results exist"
+          continue
+        fi
+        ensure_teacher "$ds"
+        args_for "$row" "$ds" 0
+        mapfile -t -O "${#ARGS[@]}" ARGS < <("$PY" -m rkd_jax.sweep overrides "$row" "$f")
+        ARGS+=(--config.teacher_checkpoint="$ROOT/$ds/teacher" "--config.data.eval_splits=('val',)")
+        echo "run sweep $name (log: $ROOT/logs/${name//\//_}.log)"
+        run_main sweep "$name" "$ROOT/logs/${name//\//_}.log" "${ARGS[@]}" --workdir="$dir"
+        archive_run "$dir"
+        echo "done sweep $name in ${RUN_SECONDS}s"
+      done
+    done
+  done
+  "$PY" -m rkd_jax.sweep choose --root "$ARCHIVE" --out "$OUT" --datasets "${DATASETS[@]}" \
+    --factors "${SWEEP_FACTORS[@]}" ||
+    { echo "launch.sh: FAILED in stage sweep: python -m rkd_jax.sweep choose" >&2; exit 1; }
+  echo "stage sweep: $OUT/sweep.md, $OUT/sweep.json (the later stages train with its choice)"
 }
 
 data_stage() {
@@ -431,10 +531,11 @@ eval_stage() {
           if results_complete "$dir" "$ds"; then
             echo "skip eval $name: results exist"
           elif [[ -f $dir/.trained ]] && has_checkpoint "$dir"; then
-            args_for "$run" "$ds" "$k"
+            args_for "$run" "$ds" "$k" chosen
             echo "run eval $name (log: $ROOT/logs/${name//\//_}.log)"
             run_main eval "$name" "$ROOT/logs/${name//\//_}.log" "${ARGS[@]}" --workdir="$dir" \
               --mode=eval
+            archive_run "$dir"
             echo "done eval $name in ${RUN_SECONDS}s: $dir/results/"
           elif [[ -d $dir ]]; then
             echo "eval $name: training not finished; resume it with --stages $stage"
@@ -488,7 +589,8 @@ report_stage() {
     fi
   fi
   echo "run report table1"
-  "$PY" -m rkd_jax.table --root "$ROOT" --out "$OUT" --seeds "$SEEDS" \
+  cp "$ROOT/launch.json" "$ARCHIVE/launch.json"
+  "$PY" -m rkd_jax.table --root "$ARCHIVE" --out "$OUT" --seeds "$SEEDS" \
     --datasets "${DATASETS[@]}" --splits "${SPLITS[@]}" ||
     { echo "launch.sh: FAILED in stage report: python -m rkd_jax.table" >&2; exit 1; }
   echo "stage report: $table, $OUT/table1_miou.png, $OUT/model_report_*.{json,txt}"
@@ -501,6 +603,7 @@ for STAGE in "${ALL_STAGES[@]}"; do
   t_stage=$SECONDS
   case "$STAGE" in
     data) data_stage ;;
+    sweep) sweep_stage ;;
     eval) eval_stage ;;
     report) report_stage ;;
     *) train_stage "$STAGE" ;;

@@ -368,12 +368,31 @@ def test_launch_tiny_runs_every_stage_then_skips_them(tmp_path):
     assert "skip report model_report_tiny: results exist" in second
     assert _checkpoints(root) == ckpts
 
-    (root / "refcoco/seed0/cwd/results/refcoco_val.json").unlink()
+    # Every finished run's small files are archived under <out>/runs, which the report reads.
+    archived = out / "runs" / "refcoco/seed0/cwd"
+    assert (archived / "results/refcoco_val.json").read_bytes() == (
+        root / "refcoco/seed0/cwd/results/refcoco_val.json"
+    ).read_bytes()
+    assert (archived / "metrics.jsonl").is_file() and (archived / "config.json").is_file()
+    assert not (archived / "checkpoints").exists()
+
+    for where in (root, out / "runs"):
+        (where / "refcoco/seed0/cwd/results/refcoco_val.json").unlink()
     third = launch("--stages", "eval report")
     assert "run eval refcoco/seed0/cwd" in third
     assert (root / "refcoco/seed0/cwd/results/refcoco_val.json").is_file()
+    assert (archived / "results/refcoco_val.json").is_file()
     assert "run report table1" in third  # a results file is newer than the table
     assert _checkpoints(root) == ckpts
+
+    # Another machine with only the archived (committed) results: nothing trains again.
+    fresh = tmp_path / "fresh_runs"
+    cmd[cmd.index(str(root))] = str(fresh)
+    fourth = launch()
+    assert not re.search(r"^run (?!data)", fourth, re.MULTILINE), fourth
+    for run in TINY_RUNS:
+        name = "refcoco/teacher" if run == "teacher" else f"refcoco/seed0/{run}"
+        assert re.search(rf"^skip \w+ {name}: results exist$", fourth, re.MULTILINE), run
 
 
 def test_val_curves_plateau_gain_and_mean_over_seeds(tmp_path):
