@@ -141,7 +141,7 @@ def test_bad_inputs_exit_2_with_one_line(tiny_run, item, tmp_path, capsys):
         visualize.main(
             [
                 "--teacher",
-                ckpt,
+                str(tiny_run / "teacher"),
                 "--student",
                 ckpt,
                 "--student-before",
