@@ -80,11 +80,6 @@ def _main(argv) -> int:
     config = FLAGS.config
     config_check.validate_config(config)
     workdir = Path(FLAGS.workdir).absolute()
-    role = "teacher" if config.mode == "teacher" else "student"
-    if FLAGS.mode == "eval":
-        checkpoint.check_checkpoint_role(
-            workdir, role, f"--workdir {workdir} with config.mode={config.mode!r}"
-        )
     for what, batch in (
         ("config.train.batch_size", config.train.batch_size),
         ("config.teacher_train.batch_size", config.teacher_train.batch_size),
