@@ -23,7 +23,7 @@
 # launch.sh is started again. Every finished run's small files (results/*.json, config.json,
 # metrics.jsonl) are copied to <out>/runs/<same path>, which the report reads: commit them and
 # a later invocation on another machine skips those runs too (the teacher is retrained, same
-# seed, only when a run still to train needs its checkpoint). See README.md and --help.
+# seed, only when a run still to train needs its checkpoint). See docs/table1.md and --help.
 set -euo pipefail
 
 usage() {

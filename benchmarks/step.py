@@ -15,13 +15,15 @@ text features from a table, as training uses them) and `paper` (384x384, 20 toke
 12-layer BERT-base teacher, ResNet-18 + 4-layer BERT student, text encoders inside the step;
 random weights, which cost the same as trained ones).
 
-`--peer` runs shared/bench/torch_peer.py (the same step written the PyTorch way; paper config
-only) in the same invocation at the same batch sizes, in its own virtualenv that this script
-creates on first use (benchmarks/.peer-venv: torch==2.13.0, torchvision==0.28.0 --no-deps,
-transformers), never in the project's environment; on a GPU machine `--peer-python python3`
-runs it with that machine's own CUDA torch instead. It prints one table with the JAX/PyTorch
-ratio per row and, as its last line, `jax/pytorch min ratio: X.XX (<row>)` over the
-throughput rows. Results: benchmarks/results/<backend>-<date>.json (or --out).
+`--peer` runs torch_peer.py, the team's PyTorch peer script kept outside this repository (the
+same step written the PyTorch way; paper config only; pass its path with --peer-script PATH,
+default shared/bench/torch_peer.py in or beside the checkout; docs/speed.md), in the same
+invocation at the same batch sizes, in its own virtualenv that this script creates on first use
+(benchmarks/.peer-venv: torch==2.13.0, torchvision==0.28.0 --no-deps, transformers), never in
+the project's environment; on a GPU machine `--peer-python python3` runs it with that machine's
+own CUDA torch instead. It prints one table with the JAX/PyTorch ratio per row and, as its last
+line, `jax/pytorch min ratio: X.XX (<row>)` over the throughput rows. Results:
+benchmarks/results/<backend>-<date>.json (or --out).
 
     python benchmarks/step.py --config paper --batch 2 8 --peer
     python benchmarks/step.py --config mini --batch 16 64
@@ -29,7 +31,7 @@ throughput rows. Results: benchmarks/results/<backend>-<date>.json (or --out).
 
 On CPU the YNNPACK-off XLA flag (rkd_jax.platform) is set before JAX initialises, when the
 running jaxlib knows it; `--keep-ynn` keeps XLA's default, `--no-fold` runs the unfolded
-teacher/student, `--xla-flags` adds flags: the switches the README's speed log compares.
+teacher/student, `--xla-flags` adds flags: the switches docs/speed.md compares.
 """
 
 from __future__ import annotations
@@ -53,9 +55,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 CONFIGS = {"tiny": "tiny", "mini": "", "paper": "paper"}
-# shared/bench/README.md: one distillation step at 384x384 and 20 tokens is 184 GFLOP of useful
-# work per image (teacher forward 75.5, student forward 34.7, student backward ~2x that), the
-# numerator of the model-FLOPs-utilisation figures of both implementations.
+# docs/miniature.md (the FLOP convention): one distillation step at 384x384 and 20 tokens is
+# 184 GFLOP of useful work per image (teacher forward 75.5, student forward 34.7, student
+# backward ~2x that), the numerator of the model-FLOPs-utilisation figures of both
+# implementations.
 PAPER_GFLOP_PER_IMAGE = 184.0
 PEER_VENV = ROOT / "benchmarks" / ".peer-venv"
 PEER_PACKAGES = (
@@ -97,7 +100,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=("distill", "infer", "latency"),
         help="measure only these",
     )
-    p.add_argument("--peer", action="store_true", help="run shared/bench/torch_peer.py too")
+    p.add_argument(
+        "--peer",
+        action="store_true",
+        help="run torch_peer.py too: the team's PyTorch peer script, outside this repository "
+        "(give its path with --peer-script)",
+    )
     p.add_argument(
         "--peer-python",
         default="",
@@ -107,7 +115,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--peer-script",
         default="",
-        help="torch_peer.py (default: shared/bench/ in or beside the checkout)",
+        help="path to torch_peer.py, the team's PyTorch peer script kept outside this repository "
+        "(default: shared/bench/torch_peer.py in or beside the checkout; docs/speed.md)",
     )
     p.add_argument(
         "--peer-compile",
@@ -567,7 +576,7 @@ def peer_script(args) -> Path:
 
 def ensure_peer_venv(venv: Path) -> Path:
     """The peer's own virtualenv, created on first use (PyPI torchvision beside the CPU torch
-    breaks `import transformers` in the project's environment: shared/bench/README.md)."""
+    breaks `import transformers` in the project's environment: docs/miniature.md)."""
     python = venv / "bin" / "python"
     marker = venv / PEER_MARKER
     if marker.is_file() and python.exists():

@@ -85,7 +85,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.data.synthetic_num_images = 4400  # size of the embedded dataset (all splits)
     c.data.synthetic_seed = 0  # generator seed of the embedded dataset
 
-    # Miniature sizes from shared/MINIATURE.md: a deeper teacher learns more per image.
+    # Miniature sizes from docs/miniature.md: a deeper teacher learns more per image.
     c.teacher = model_config(
         backbone="resnet18", backbone_width=32, fusion_dim=128, fpn_dim=64, text_num_layers=6
     )

@@ -487,7 +487,7 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
 
 
 # A correct export differs from the Flax function by float reordering only (measured: 8e-7 for
-# ONNX, 3e-7 for jax.export, README); a thousand times that is a broken graph, not rounding.
+# ONNX, 3e-7 for jax.export, docs/export.md); a thousand times that is a broken graph, not rounding.
 PARITY_MAX_PROB_DIFF = 1e-3
 PARITY_MIN_MASK_IOU = 0.99
 

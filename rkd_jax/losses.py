@@ -4,7 +4,7 @@ Every function here is pure `jax.numpy`, takes batch-first arrays in NHWC (or fl
 `[B, HW, C]`) layout and computes in float32 whatever the input dtype (bf16 activations are
 cast up first), so the losses are exact enough to compare teacher and student statistics.
 
-Paper terms (shared/PAPER.md):
+Paper terms (docs/paper.md):
 - `segmentation_loss`  L_seg, 2-class cross-entropy on logits upsampled to the input size.
 - `vl_attention_loss`  L_VL, Eq. (6), on the vision-language correlation maps A of V3..V5.
 - `channel_loss`       L_C, Eqs. (7)-(8), on the FPN output D.

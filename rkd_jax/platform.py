@@ -1,7 +1,7 @@
 """Process-level set-up that must happen before JAX initialises its backends.
 
 XLA's CPU backend in jax 0.10 sends convolutions to YNNPACK, which trains 2-12x slower on
-the 2-core development machines than XLA's own kernels (shared/bench/README.md). The flag
+the 2-core development machines than XLA's own kernels (docs/miniature.md). The flag
 that turns it off is experimental and an unknown XLA flag aborts the process, so we only set
 it after a throw-away subprocess has shown that the installed jaxlib accepts it. The probe's
 answer is cached per jaxlib version.

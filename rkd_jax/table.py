@@ -51,7 +51,7 @@ DATASETS = ("refcoco", "refcoco+")
 SPLITS = ("val", "testA", "testB")
 METRICS = (("mIoU", "network"), ("mIoU", "original"), ("oIoU", "network"), ("oIoU", "original"))
 
-# shared/PAPER.md, Table I (mIoU, %). The student's RefCOCO testA (54.02) is probably a typo.
+# docs/paper.md, Table I (mIoU, %). The student's RefCOCO testA (54.02) is probably a typo.
 PAPER_TABLE1: dict[str, dict[tuple[str, str], float]] = {
     "teacher": {
         ("refcoco", "val"): 69.38,

@@ -148,7 +148,7 @@ LOCATION_WORDS = frozenset(
     ]
 )
 FAMILIES = ("location", "colour_shape", "relation", "size", "shape_only", "colour_only")
-# Target proportions of the expression families (the prototype's mix, shared/MINIATURE.md).
+# Target proportions of the expression families (the prototype's mix, docs/miniature.md).
 _FAMILY_WEIGHTS = {
     "refcoco": {
         "location": 27,
@@ -998,7 +998,7 @@ def generate(
     """Write both variants in the REFER layout under `out_dir`; returns counts per split/variant.
 
     Deterministic from `seed` (and independent of `workers`). The default, 5,000 images, gives
-    3,800 train and 400 each of val/testA/testB images (shared/MINIATURE.md's sizing).
+    3,800 train and 400 each of val/testA/testB images (docs/miniature.md's sizing).
     """
     out_dir = Path(out_dir)
     splits = split_of_images(num_images, seed, eval_fraction)
