@@ -51,6 +51,27 @@ def _glibc_version() -> tuple[int, int] | None:
         return None
 
 
+def cpu_backend_expected(env=None) -> bool:
+    """Whether jax will run on the CPU, decided without importing jax (which would start it).
+
+    JAX_PLATFORMS names the backends when set; otherwise an installed GPU/TPU plugin (the
+    `jax[cuda12]` extra installs jax_cuda12_plugin) means jax will pick the accelerator.
+    """
+    import importlib.util
+
+    env = os.environ if env is None else env
+    platforms = env.get("JAX_PLATFORMS", "").strip().lower()
+    if platforms:
+        return platforms.split(",")[0].strip() == "cpu"
+    for plugin in ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin", "libtpu"):
+        try:
+            if importlib.util.find_spec(plugin) is not None:
+                return False
+        except (ImportError, ValueError):
+            continue
+    return True
+
+
 def reexec_with_hugepage_malloc() -> None:
     """Restart this process with glibc's malloc on transparent huge pages, unless it is already.
 
@@ -65,6 +86,8 @@ def reexec_with_hugepage_malloc() -> None:
     """
     if sys.platform != "linux" or os.environ.get("RKD_JAX_KEEP_MALLOC") == "1":
         return
+    if not cpu_backend_expected():
+        return  # measured on XLA:CPU only; a GPU run keeps its buffers on the device
     tunables = os.environ.get("GLIBC_TUNABLES", "")
     if "glibc.malloc.hugetlb" in tunables:
         return

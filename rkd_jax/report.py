@@ -18,8 +18,6 @@ from pathlib import Path
 
 from rkd_jax import cli, platform
 
-platform.configure_cpu_flags()
-
 
 def forward_flops(model, variables, image_size: int, max_tokens: int, batch: int = 1) -> float:
     """FLOPs of one jitted inference forward (XLA cost analysis)."""
@@ -117,6 +115,8 @@ def main(argv=None) -> int:
 
 
 def _main(argv) -> int:
+    # Before jax starts (the command, not the import: importing a module starts no process).
+    platform.configure_cpu_flags()
     p = cli.ArgumentParser(
         prog="python -m rkd_jax.report",
         description=__doc__,

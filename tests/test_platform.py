@@ -61,3 +61,44 @@ def test_glibc_version_is_read_from_the_c_library():
         assert version is not None and version >= (2, 17)
     else:
         assert version is None
+
+
+def test_cpu_backend_is_decided_from_the_environment_without_jax():
+    assert platform.cpu_backend_expected({"JAX_PLATFORMS": "cpu"})
+    assert not platform.cpu_backend_expected({"JAX_PLATFORMS": "cuda"})
+    assert not platform.cpu_backend_expected({"JAX_PLATFORMS": "cuda,cpu"})
+    # No JAX_PLATFORMS: an installed accelerator plugin means jax will not run on the CPU.
+    import importlib.util
+
+    has_plugin = any(
+        importlib.util.find_spec(p) for p in ("jax_cuda12_plugin", "jax_cuda13_plugin")
+    )
+    assert platform.cpu_backend_expected({}) == (not has_plugin)
+
+
+@needs_glibc
+def test_no_restart_when_jax_runs_on_an_accelerator():
+    out = _run({"JAX_PLATFORMS": "cuda"})
+    assert out == ["start", "tunables  argv --config=x.py two words"]
+
+
+def test_importing_library_modules_starts_no_process():
+    script = (
+        "import subprocess\n"
+        "def boom(*a, **k):\n"
+        "    raise AssertionError('a subprocess was started at import')\n"
+        "subprocess.Popen = boom\n"
+        "import rkd_jax.report, rkd_jax.train, rkd_jax.evaluate, rkd_jax.predictor\n"
+        "import rkd_jax.export, rkd_jax.table, rkd_jax.sweep, rkd_jax.data.pipeline\n"
+        "print('ok')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        check=False,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
