@@ -51,8 +51,11 @@ def run(args) -> dict:
     inputs = export.photo_inputs(size, tokenize, max_tokens)
 
     onnx_path, jax_path = work / "student.onnx", work / "student.jax"
-    export.export(args.checkpoint, onnx_path, "onnx", allow_teacher=args.allow_teacher, log=log)
-    export.export(args.checkpoint, jax_path, "jax", allow_teacher=args.allow_teacher, log=log)
+    # The benchmark's own scratch files: a rerun into the same --out-dir replaces them.
+    for path, fmt in ((onnx_path, "onnx"), (jax_path, "jax")):
+        export.export(
+            args.checkpoint, path, fmt, allow_teacher=args.allow_teacher, log=log, overwrite=True
+        )
     int8_path = export.int8_path(onnx_path)
     quant = None
     if not args.skip_int8:
