@@ -420,11 +420,10 @@ def evaluate_checkpoint(
             res = train.evaluate_split(
                 config, predict_fn, variables, tokenize_fn, split, mesh, desc=f"eval {split}"
             )
-            split_counts = getattr(pipeline, "split_counts", None)
             payload = {
                 "metrics": res,
                 "protocol": protocol(
-                    config, split, step, split_counts(config.data, split) if split_counts else {}
+                    config, split, step, pipeline.split_counts(config.data, split)
                 ),
                 "role": restored.role,
                 "model": restored.model_config.to_dict(),

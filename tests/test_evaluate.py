@@ -310,3 +310,24 @@ def test_embedded_expression_families_are_the_generators():
                 assert synthetic.expression_family(sent) == family, sent
                 seen.add(family)
     assert len(seen) >= 4
+
+
+def test_results_files_carry_split_counts_and_family_scores(tiny_run):
+    """The protocol of every results file counts its split; the embedded data's results score
+    each expression family, and the families partition the split's sentences."""
+    import json
+
+    from conftest import tiny_config
+
+    from rkd_jax.data import pipeline
+
+    config = tiny_config()
+    res = json.loads((tiny_run / "results" / "refcoco_val.json").read_text())
+    counts = res["protocol"]["counts"]
+    assert counts["sentences"] == pipeline.num_eval_examples(config.data, "val")
+    assert 0 < counts["objects"] <= counts["sentences"]
+    assert counts["unique_sentences"] <= counts["sentences"]
+    fam = res["metrics"]["families"]
+    assert set(fam) <= {"location", "colour_shape", "relation", "size", "shape_only", "colour_only"}
+    scored = res["metrics"]["network"]["num_sentences"]
+    assert sum(v["num_sentences"] for v in fam.values()) == scored

@@ -173,6 +173,27 @@ def sentence_table(data_config, tokenizer: Tokenizer, split: str) -> tuple[np.nd
     return ids, mask
 
 
+def split_counts(data_config, split: str) -> dict:
+    """What a results file's protocol records of its split: referred objects, sentences
+    (evaluation examples), unique sentences, and what preparing the data left out."""
+    b = _builder(data_config)
+    splits = b.info.splits
+    counts = {}
+    if split in splits:
+        counts["objects"] = int(splits[split].num_examples)
+    flat = tfds_builder.flat_split(split)
+    if flat in splits:
+        counts["sentences"] = int(splits[flat].num_examples)
+    sentences = b.info.metadata.get("sentences", {})
+    if split in sentences:
+        counts["unique_sentences"] = len(sentences[split])
+    for key in ("skipped_images", "skipped_refs"):
+        value = b.info.metadata.get(key)
+        if value:
+            counts[key] = value
+    return counts
+
+
 def sentence_families(data_config, split: str) -> list[str] | None:
     """Expression family of each row of the split's sentence table (`sentence_table` order),
     for the embedded data (its grammar knows them: location, colour_shape, relation, ...);
