@@ -4,6 +4,8 @@
     python -m rkd_jax.export --checkpoint runs/default --format jax --out export/student.jax
     python -m rkd_jax.export --checkpoint runs/default --format onnx --quantize int8 \\
         --out export/student.onnx        # also writes export/student.int8.onnx
+    python -m rkd_jax.export --checkpoint runs/default --format params \\
+        --out export/student.safetensors # the weights, config, model card: rkd_jax.export_params
 
 The exported function (batch B dynamic unless --batch fixes it, S = image size, L = max tokens):
   inputs   image float32 [B, S, S, 3]: RGB squashed to S x S, pixels / 255 in [0, 1]; the
@@ -43,7 +45,7 @@ import numpy as np
 from rkd_jax import cli
 from rkd_jax.models.convs import native_depthwise
 
-FORMATS = ("onnx", "jax")
+FORMATS = ("onnx", "jax", "params")  # params: rkd_jax.export_params
 INPUT_NAMES = ("image", "tokens", "token_mask")
 OUTPUT_NAMES = ("prob", "margin")
 DEFAULT_OPSET = 23
@@ -825,6 +827,12 @@ def export(
         raise ExportError(f"--quantize {quantize!r}; expected int8")
     if quantize and fmt != "onnx":
         raise ExportError("--quantize int8 needs --format onnx (onnxruntime quantisation)")
+    if fmt == "params":  # the weights themselves, with their config and a model card
+        from rkd_jax import export_params
+
+        return export_params.export_params(
+            checkpoint, out, batch, allow_teacher, overwrite, latency_iters, log
+        )
     out = Path(out)
     if out.is_dir():
         raise ExportError(f"--out {out}: is a directory; expected a file name like student.{fmt}")
@@ -1036,7 +1044,8 @@ def compare_int8(
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = cli.ArgumentParser(
         prog="python -m rkd_jax.export",
-        description="Export a trained student to ONNX or a serialized JAX (jax.export) artifact.",
+        description="Export a trained student to ONNX, a serialized JAX (jax.export) artifact "
+        "or its weights (safetensors) with a model card (--format params).",
     )
     p.add_argument(
         "--checkpoint",
@@ -1044,7 +1053,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="run directory (the student's), checkpoints/ or checkpoints/<step>/",
     )
     p.add_argument("--format", choices=FORMATS, default="onnx", dest="fmt")
-    p.add_argument("--out", required=True, help="output file (student.onnx, student.jax)")
+    p.add_argument(
+        "--out", required=True, help="output file (student.onnx, student.jax, student.safetensors)"
+    )
     p.add_argument(
         "--quantize",
         choices=("int8",),
