@@ -149,7 +149,7 @@ case "$SETTING" in
     # ~770 val sentences); every student variant trains 2 epochs (x0.1 after the first), short
     # enough for guidance to matter; the one teacher per dataset trains 12 epochs (x0.1 at 9) so
     # it clearly beats the student. Only teacher runs read config.teacher_train.
-    COMMON=(--config.data.synthetic_num_images=1600
+    COMMON=(--config.run.cache_teacher_targets=True --config.data.synthetic_num_images=1600
             --config.teacher_train.epochs=12 "--config.teacher_train.lr_decay_epochs=(9,)"
             --config.train.epochs=2 "--config.train.lr_decay_epochs=(1,)")
     ;;
@@ -157,7 +157,8 @@ case "$SETTING" in
     VARIANT="tiny"
     LITE_VARIANT="tiny"
     LITE_OVR=(--config.student.backbone=efficientnet_lite0 --config.student.backbone_weights=offline)
-    COMMON=(--config.run.max_steps=2 --config.run.max_eval_examples=8)
+    COMMON=(--config.run.max_steps=2 --config.run.max_eval_examples=8
+            --config.run.cache_teacher_targets=True)
     DEF_DATASETS="refcoco"
     DEF_SPLITS="val"
     DEF_ROOT="$REPO/runs/table1_tiny"
