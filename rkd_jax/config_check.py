@@ -68,7 +68,7 @@ def _one_of(get, path: str, options) -> str:
 
 
 def _check_model(get, role: str) -> None:
-    from rkd_jax.models.fusion import ATTENTION_NORMS
+    from rkd_jax.models.fusion import ATTENTION_NORMS, FUSION_MODES
     from rkd_jax.models.segmenter import BACKBONES
 
     _one_of(get, f"{role}.backbone", sorted(BACKBONES))
@@ -83,6 +83,7 @@ def _check_model(get, role: str) -> None:
     for field in ("text_num_layers", "fusion_dim", "fpn_dim"):
         _int_at_least(get, f"{role}.{field}", 1)
     _one_of(get, f"{role}.attention_norm", ATTENTION_NORMS)
+    _one_of(get, f"{role}.fusion_mode", FUSION_MODES)
     text_dir = get(f"{role}.text_encoder_dir")
     if text_dir and not Path(text_dir).expanduser().is_dir():
         raise UserError(

@@ -310,6 +310,7 @@ CONFIG_CASES = [
     ({"student.backbone": "resnet7"}, "config.student.backbone='resnet7': expected one of"),
     ({"teacher.backbone": "vgg"}, "config.teacher.backbone='vgg'"),
     ({"student.attention_norm": "sigmoid"}, "config.student.attention_norm='sigmoid'"),
+    ({"teacher.fusion_mode": "concat"}, "config.teacher.fusion_mode='concat': expected one of"),
     ({"student.fpn_dim": 8}, "config.student.fpn_dim=8 differs from config.teacher.fpn_dim=16"),
     ({"student.text_encoder_dir": "/no/bert"}, "config.student.text_encoder_dir='/no/bert'"),
     ({"student.backbone_weights": "/no/r18.pth"}, "config.student.backbone_weights"),
