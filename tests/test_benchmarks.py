@@ -105,3 +105,38 @@ def test_peer_runs_with_a_given_interpreter_and_relative_paths(tmp_path, monkeyp
     assert (tmp_path / "out" / "peer.json").is_file()
     assert peer["command"][0] == sys.executable
     assert set(peer["versions"]) == {"torch", "torchvision", "transformers"}
+
+
+def test_teacher_targets_benchmark_smoke(tmp_path):
+    """benchmarks/teacher_targets.py on the tiny config: both steps run and are timed."""
+    out = tmp_path / "targets.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "teacher_targets.py"),
+            "--config",
+            str(ROOT / "configs" / "distill.py") + ":tiny",
+            "--batch",
+            "8",
+            "--steps",
+            "1",
+            "--repeats",
+            "1",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        check=False,
+        text=True,
+        timeout=600,
+        env=dict(os.environ),
+        cwd=str(tmp_path),
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["method"] == "vl_channel" and res["batch"] == 8
+    for k in ("online", "cached"):
+        assert res[k]["median_step_ms"] > 0 and res[k]["images_per_s"] > 0
+    ratio = res["online"]["median_step_ms"] / res["cached"]["median_step_ms"]
+    assert abs(res["speedup"] - ratio) < 1e-9
+    assert "cached / online speed" in proc.stdout
