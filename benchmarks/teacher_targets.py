@@ -102,8 +102,11 @@ def main(argv=None) -> int:
                 states[k], m = step(states[k], batch, t_vars, table)
             jax.block_until_ready(m)
             times[k].append((time.perf_counter() - t0) / a.steps)
+    spec = Path(a.config.partition(":")[0]).resolve()
+    shown = spec.relative_to(ROOT) if spec.is_relative_to(ROOT) else spec
+    variant = a.config.partition(":")[2]
     result = {
-        "config": a.config,
+        "config": f"{shown}:{variant}" if variant else str(shown),
         "batch": b,
         "method": c.distill.method,
         "load_average": os.getloadavg(),
