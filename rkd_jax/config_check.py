@@ -154,7 +154,7 @@ def _check_data(get) -> None:
 def _check_distill(get) -> None:
     from rkd_jax import losses
 
-    aliases = getattr(losses, "METHOD_ALIASES", {})
+    aliases = losses.METHOD_ALIASES
     method = _one_of(get, "distill.method", (*losses.VALID_METHODS, *aliases))
     method = aliases.get(method, method)
     _one_of(get, "distill.channel_norm", losses.CHANNEL_NORMS)
@@ -167,7 +167,7 @@ def _check_distill(get) -> None:
     _float_in(get, "distill.skd_pool_scale", 0.0, 1.0)
     if (
         get("mode") == "distill"
-        and method == getattr(losses, "PAPER_METHOD", "rkd")
+        and method == losses.PAPER_METHOD
         and get("distill.lambda_channel") > 0
         and get("teacher.fpn_dim") != get("student.fpn_dim")
     ):

@@ -332,8 +332,8 @@ def load_teacher(config, path: str, mesh) -> dict:
 
 
 def _normalise(arch: dict) -> dict:
-    # Checkpoints saved before coord_map existed had none.
-    arch = {"coord_map": False, "fusion_mode": "add", **arch}
+    # Checkpoints saved before a field existed: what it meant then.
+    arch = {**build.FIELD_DEFAULTS, **arch}
     return {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in arch.items()}
 
 

@@ -25,7 +25,7 @@ ARCH_FIELDS = (
 
 
 # What configs saved before a field existed meant (the paper's fusion).
-_OLD = {k: None for k in ARCH_FIELDS} | {"coord_map": False, "fusion_mode": "add"}
+FIELD_DEFAULTS = {"coord_map": False, "fusion_mode": "add"}
 
 
 def resolve_dtype(name: str) -> Any:
@@ -66,8 +66,8 @@ def build_model(model_cfg, dtype: Any = jnp.float32, bert_config: BertConfig | N
         fpn_dim=int(model_cfg.fpn_dim),
         attention_norm=model_cfg.attention_norm,
         # Configs saved before the field existed had no coordinate map.
-        coord_map=bool(model_cfg.get("coord_map", False)),
-        fusion_mode=str(model_cfg.get("fusion_mode", "add")),
+        coord_map=bool(model_cfg.get("coord_map", FIELD_DEFAULTS["coord_map"])),
+        fusion_mode=str(model_cfg.get("fusion_mode", FIELD_DEFAULTS["fusion_mode"])),
         dtype=dtype,
     )
 
@@ -155,6 +155,10 @@ def _replace(target, loaded, what: str):
 def architecture(model_cfg) -> dict:
     """The config fields that decide the parameter shapes (for mismatch errors)."""
     return {
-        k: (list(model_cfg[k]) if k == "backbone_stage_sizes" else model_cfg.get(k, _OLD[k]))
+        k: (
+            list(model_cfg[k])
+            if k == "backbone_stage_sizes"
+            else model_cfg.get(k, FIELD_DEFAULTS.get(k))
+        )
         for k in ARCH_FIELDS
     }
