@@ -1,4 +1,7 @@
-"""Command line: `python -m rkd_jax.main --config=configs/distill.py --workdir=DIR`.
+"""Command line: `python -m rkd_jax.main --config=distill --workdir=DIR`.
+
+--config names a config shipped with rkd_jax (distill, teacher, student) or a config file
+(configs/distill.py), either with :VARIANT (distill:paper); see rkd_jax.config_loader.
 
 --mode=train (default) trains what config.mode says (teacher first when distilling without
 a teacher_checkpoint) and then scores every config.data.eval_splits; --mode=eval only scores
@@ -27,7 +30,7 @@ from pathlib import Path
 from absl import app, flags
 from ml_collections import config_flags
 
-from rkd_jax import cli
+from rkd_jax import cli, config_loader
 
 
 def _without_traceback(message: str) -> str:
@@ -47,20 +50,43 @@ def _unknown_field(argv: list[str], error: BaseException) -> str:
     )
 
 
+class _NamedConfigParser(flags.ArgumentParser):
+    """ml_collections' config-file parser, reached through a name: --config=distill:paper reads
+    the shipped configs/distill.py (rkd_jax.configs), a file path is read as it is given."""
+
+    def __init__(self, file_parser: flags.ArgumentParser):
+        self._file_parser = file_parser
+
+    def parse(self, argument):
+        return self._file_parser.parse(config_loader.resolve_config_spec(argument))
+
+    def flag_type(self) -> str:
+        return self._file_parser.flag_type()
+
+
 FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file(
+    "config",
+    None,
+    "Config: a name shipped with rkd_jax (distill, teacher, student) or a config file "
+    "(configs/distill.py), either followed by :VARIANT (distill:paper).",
+    lock_config=True,
+)
+FLAGS["config"].parser = _NamedConfigParser(FLAGS["config"].parser)
 try:
-    config_flags.DEFINE_config_file(
-        "config",
-        "configs/distill.py",
-        "Config file (configs/distill.py[:variant]).",
-        lock_config=True,
-    )
+    # The default goes through the named parser (it is a name, valid from any directory).
+    FLAGS.set_default("config", config_loader.DEFAULT)
 except (AttributeError, KeyError) as e:
     # ml_collections applies the command line's --config.<field> overrides to the default
     # config here, at definition: an unknown field fails before flag parsing.
     if __name__ != "__main__":
         raise
     sys.exit(cli.report(_unknown_field(sys.argv, e)))
+except OSError as e:
+    # The shipped configs are missing (a broken install): one line, not an import traceback.
+    if __name__ != "__main__":
+        raise
+    sys.exit(cli.report(e))
 flags.DEFINE_string("workdir", "runs/distill", "Run directory (checkpoints, logs, results).")
 flags.DEFINE_enum("mode", "train", ["train", "eval"], "train (then evaluate) or eval only.")
 flags.DEFINE_string("coordinator_address", "", "jax.distributed coordinator host:port.")
