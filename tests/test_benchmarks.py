@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from rkd_jax import platform
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -140,3 +142,89 @@ def test_teacher_targets_benchmark_smoke(tmp_path):
     ratio = res["online"]["median_step_ms"] / res["cached"]["median_step_ms"]
     assert abs(res["speedup"] - ratio) < 1e-9
     assert "cached / online speed" in proc.stdout
+
+
+def _data_pipeline_module():
+    spec = importlib.util.spec_from_file_location(
+        "bench_data_pipeline", ROOT / "benchmarks" / "data_pipeline.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_data_pipeline_arithmetic():
+    """The num_workers and wall-time arithmetic of the paper's run, by hand."""
+    dp = _data_pipeline_module()
+    # 1.5 x 735.5 = 1103.25 images/s at r = 100 per worker: ceil(11.03) = 12 workers; the
+    # training process unpacks at 1 ms per example: 1.10 cores; + 1 reserved = 14.1 of 16.
+    w = dp.workers_for(100.0, 1.0, 735.5)
+    assert w["num_workers"] == 12 and w["fits_host"] and w["cores_needed"] == 14.1
+    assert w["host_max_workers"] == 13 and w["host_max_images_per_s"] == 1300.0  # 15 / 1.1
+    assert not dp.workers_for(100.0, 1.0, 1161.9)["fits_host"]  # 18 workers + 1.7 + 1 > 16
+    # 40 epochs x 2,650 steps x 16 = 1,696,000 images at min(1000, 735) images/s; validation:
+    # 40 x 10,834 + 21,586 sentences at min(1000, 7814) sentences/s.
+    s = dp.phase_seconds(1000.0, 735.0, 7814.0, 40, 16)
+    assert s["images"] == 1_696_000 and s["train_s"] == round(1_696_000 / 735)
+    assert s["eval_s"] == round((40 * 10_834 + 10_834 + 5_657 + 5_095) / 1000)
+    # The per-worker rate: the smaller of the 1-worker row's wall rate and 1 / its CPU time.
+    rows = [
+        {"image_size": 384, "num_workers": 0, "examples_per_s_per_worker": 300.0,
+         "workers_cpu_ms_per_example": 0.0, "main_cpu_ms_per_example": 4.0},
+        {"image_size": 384, "num_workers": 1, "examples_per_s_per_worker": 150.0,
+         "workers_cpu_ms_per_example": 8.0, "main_cpu_ms_per_example": 1.5},
+    ]  # fmt: skip
+    r = dp.per_worker_rate(rows, 384)
+    assert r["examples_per_s"] == 125.0 and r["main_cpu_ms_per_example"] == 1.5
+    assert dp.per_worker_rate(rows, 96) is None
+    pl = dp.plan(rows, dp.GPU_RESULTS, 1.5, 16)
+    # 1.5 x 735.5 / 125 -> 9 workers at the paper's batch 16; 1.5 x 1161.9 / 125 -> 14 workers
+    # + 2.6 + 1 cores > 16: the batch-16 target is chosen.
+    assert pl["workers"]["at_batch_16_step"]["num_workers"] == 9
+    assert not pl["workers"]["at_fastest_step"]["fits_host"]
+    assert pl["chosen_num_workers"] == 9 and pl["loader_images_per_s"] == 1125.0
+    assert pl["student_phase"]["train_s"] == round(1_696_000 / 735.4716110118568)
+
+
+@pytest.mark.slow
+def test_data_pipeline_benchmark_smoke(tmp_path):
+    """benchmarks/data_pipeline.py on 48 generated images re-encoded larger, 0 and 1 workers."""
+    out = tmp_path / "pipeline.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "data_pipeline.py"),
+            *("--synthetic-num-images", "48", "--jpeg-size", "96x72", "--sizes", "384"),
+            *("--workers", "0", "1", "--batches", "2", "--warmup", "1", "--batch-size", "4"),
+            *("--json", str(out)),
+        ],
+        capture_output=True,
+        check=False,
+        text=True,
+        timeout=600,
+        env=dict(os.environ),  # conftest's RKD_JAX_CACHE: the data stays in the test cache
+        cwd=str(tmp_path),
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["source"]["reencoded"]["jpeg_size"] == "96x72"
+    assert res["source"]["reencoded"]["images"] == 48
+    assert [(r["image_size"], r["num_workers"]) for r in res["results"]] == [(384, 0), (384, 1)]
+    assert all(r["examples_per_s"] > 0 for r in res["results"])
+    assert res["host"]["cpus"] >= 1 and "load_start" in res["host"]
+    assert res["plan"]["per_worker"]["from_num_workers"] == 1
+    assert res["plan"]["chosen_num_workers"] >= 1
+    assert "chosen num_workers" in proc.stdout
+
+
+def test_data_pipeline_rejects_a_bad_jpeg_size(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "data_pipeline.py"), "--jpeg-size", "640"],
+        capture_output=True,
+        check=False,
+        text=True,
+        timeout=120,
+        cwd=str(tmp_path),
+    )
+    assert proc.returncode == 2
+    assert "'640': expected WIDTHxHEIGHT in pixels" in proc.stderr
