@@ -1,6 +1,6 @@
 """Model report: parameters, GFLOPs per image and latency of teacher and students.
 
-    python -m rkd_jax.report [--config configs/distill.py[:variant]] [--params] [--latency]
+    python -m rkd_jax.report [--config distill[:variant] | FILE[:variant]] [--params] [--latency]
 
 GFLOPs come from XLA's cost analysis of the jitted inference forward at batch 1 (one
 multiply-add counts as 2 FLOPs; the GFLOPs column reports multiply-adds x 2). Latency is the
@@ -122,7 +122,9 @@ def _main(argv) -> int:
         description=__doc__,
         formatter_class=argparse.RawTextHelpFormatter,
     )
-    p.add_argument("--config", default="configs/distill.py", help="config file[:variant]")
+    p.add_argument(
+        "--config", default="distill", help="config name or file, [:variant] (distill:paper)"
+    )
     p.add_argument("--params", action="store_true", help="parameter counts only (fast)")
     p.add_argument("--latency", action="store_true", help="also measure batch-1 latency")
     p.add_argument("--json", default="", help="also write the rows to this JSON file")

@@ -40,8 +40,7 @@ def default_weights() -> dict[str, float]:
     """The config.distill weights of configs/distill.py (the authors' settings)."""
     from rkd_jax import config_loader
 
-    path = Path(__file__).resolve().parents[1] / "configs" / "distill.py"
-    d = config_loader.load_config_file(str(path)).distill
+    d = config_loader.load_config_file("distill").distill
     return {k: float(d[k]) for fields in WEIGHTS.values() for k in fields}
 
 
