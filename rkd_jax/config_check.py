@@ -84,6 +84,7 @@ def _check_model(get, role: str) -> None:
         _int_at_least(get, f"{role}.{field}", 1)
     _one_of(get, f"{role}.attention_norm", ATTENTION_NORMS)
     _one_of(get, f"{role}.fusion_mode", FUSION_MODES)
+    _int_at_least(get, f"{role}.category_classes", 0, " (0: no category head)")
     text_dir = get(f"{role}.text_encoder_dir")
     if text_dir and not Path(text_dir).expanduser().is_dir():
         raise UserError(
@@ -162,6 +163,7 @@ def _check_distill(get) -> None:
     for field in ("lambda_vl", "lambda_channel", "kd_weight", "skd_weight", "cwd_weight"):
         _float_in(get, f"distill.{field}", 0.0)
     _float_in(get, "distill.ickd_weight", 0.0)
+    _float_in(get, "distill.category_weight", 0.0)
     _float_in(get, "distill.kd_temperature", 0.0, open_low=True)
     _float_in(get, "distill.cwd_tau", 0.0, open_low=True)
     _float_in(get, "distill.skd_pool_scale", 0.0, 1.0)

@@ -31,7 +31,7 @@ Array = jax.Array
 PAPER_METHOD = "vl_channel"
 METHOD_ALIASES = {"rkd": PAPER_METHOD}
 VALID_METHODS = (PAPER_METHOD, "none", "logit_kd", "skd", "cwd", "ickd")
-SEG_LOSS_KINDS = ("ce", "bce")
+SEG_LOSS_KINDS = ("ce", "bce", "ce_dice")
 CHANNEL_NORMS = ("hw", "l2")
 
 # Gram matrices of wide decoder features are where TF32 (the GPU default for f32 matmuls)
@@ -92,6 +92,9 @@ def segmentation_loss(
         cross-entropy on z = logits[..., 1] - logits[..., 0]. For two classes the two are the
         same function of the logits (-log softmax = softplus of the logit difference), so
         'bce' exists for configs written in those terms, not as a different objective.
+        'ce_dice' (beyond the paper): 'ce' + the soft Dice loss 1 - 2|P.Y| / (|P| + |Y|) of
+        each image's foreground probabilities P, which weighs a small object as much as a
+        large one where the per-pixel mean lets background pixels dominate.
       weights: optional `[B]` validity weights (0 for padded examples).
 
     Returns:
@@ -112,13 +115,72 @@ def segmentation_loss(
     if x.shape[1:3] != (h, w):
         x = jax.image.resize(x, (b, h, w, 2), method="bilinear", antialias=False)
     y = _f32(mask)
-    if kind == "ce":
-        logp = jax.nn.log_softmax(x, axis=-1)
-        per_pixel = -(y * logp[..., 1] + (1.0 - y) * logp[..., 0])
-    else:
+    if kind == "bce":
         z = x[..., 1] - x[..., 0]
         per_pixel = jnp.logaddexp(0.0, z) - y * z
-    return _batch_mean(jnp.mean(per_pixel, axis=(1, 2)), weights)
+        return _batch_mean(jnp.mean(per_pixel, axis=(1, 2)), weights)
+    logp = jax.nn.log_softmax(x, axis=-1)
+    per_pixel = -(y * logp[..., 1] + (1.0 - y) * logp[..., 0])
+    per_example = jnp.mean(per_pixel, axis=(1, 2))
+    if kind == "ce_dice":
+        p = jnp.exp(logp[..., 1])
+        overlap = jnp.sum(p * y, axis=(1, 2))
+        total = jnp.sum(p, axis=(1, 2)) + jnp.sum(y, axis=(1, 2))
+        # +1 in both terms: an empty mask and an empty prediction give 0, never 0/0.
+        per_example = per_example + 1.0 - (2.0 * overlap + 1.0) / (total + 1.0)
+    return _batch_mean(per_example, weights)
+
+
+def category_loss(
+    category_logits: Sequence[Array],
+    mask: Array,
+    category_id: Array,
+    weights: Array | None = None,
+) -> Array:
+    """Cross-entropy of the referred object's category, read from its pixels' scores.
+
+    Beyond the paper (model.category_classes > 0): at each level the per-cell category scores
+    are averaged over the object's cells, weighted by the fraction of each cell the mask covers
+    (the mask area-pooled to the level's grid), and scored against the object's category.
+
+    Args:
+      category_logits: list of `[B, h, w, K]` per level; h, w must divide the mask's H, W.
+      mask: `[B, H, W]` ints in {0, 1}, the referred object at the input resolution.
+      category_id: `[B]` ints in [0, K), the object's category.
+      weights: optional `[B]` validity weights (0 for padded examples).
+
+    Returns:
+      Scalar float32: mean over levels of the (weighted) batch mean.
+    """
+    if not category_logits:
+        raise ValueError("category_logits: expected at least one level")
+    b, hm, wm = mask.shape
+    y = _f32(mask)
+    total = jnp.zeros((), jnp.float32)
+    for logits in category_logits:
+        if logits.ndim != 4 or logits.shape[0] != b:
+            raise ValueError(f"category_logits: expected [B={b}, h, w, K], got {logits.shape}")
+        h, w = logits.shape[1:3]
+        if hm % h or wm % w:
+            raise ValueError(f"category_logits: grid {h}x{w} does not divide the mask's {hm}x{wm}")
+        cover = y.reshape(b, h, hm // h, w, wm // w).mean(axis=(2, 4))  # [B, h, w]
+        area = jnp.maximum(jnp.sum(cover, axis=(1, 2)), 1e-6)
+        pooled = jnp.einsum("bhw,bhwk->bk", cover, _f32(logits)) / area[:, None]
+        logp = jax.nn.log_softmax(pooled, axis=-1)
+        nll = -jnp.take_along_axis(logp, jnp.asarray(category_id)[:, None], axis=-1)[:, 0]
+        total = total + _batch_mean(nll, weights)
+    return total / len(category_logits)
+
+
+def _category_term(out: Mapping[str, Any], batch: Mapping[str, Any], cfg: Any) -> Array | None:
+    """weight * category_loss when the model has a category head (else None)."""
+    if "category_logits" not in out:
+        return None
+    if "category_id" not in batch:
+        raise ValueError("the model has a category head but the batch has no 'category_id'")
+    return category_loss(
+        out["category_logits"], batch["mask"], batch["category_id"], batch.get("valid")
+    )
 
 
 def vl_attention_loss(
@@ -415,7 +477,12 @@ def supervised_losses(
     loss_seg = segmentation_loss(
         _output(out, "logits", "model"), batch["mask"], kind=kind, weights=batch.get("valid")
     )
-    return {"loss_seg": loss_seg, "loss": loss_seg}
+    terms = {"loss_seg": loss_seg, "loss": loss_seg}
+    loss_category = _category_term(out, batch, cfg)
+    if loss_category is not None:
+        terms["loss_category"] = loss_category
+        terms["loss"] = loss_seg + float(_field(cfg, "category_weight", 1.0)) * loss_category
+    return terms
 
 
 def canonical_method(method: str) -> str:
@@ -502,7 +569,8 @@ def distillation_losses(
         - 'cwd': + cwd_weight * loss_cwd (`cwd_tau`), on the logits (CWD's segmentation setup).
         - 'ickd': + ickd_weight * loss_ickd, on the decoder features (the student's after
           ICKD's adapter when the train step applies one).
-        Optional `seg_loss` ('ce' | 'bce').
+        Optional `seg_loss` ('ce' | 'bce' | 'ce_dice'); with a student category head,
+        + category_weight * loss_category (`category_loss`; the batch's `category_id`).
 
     Returns:
       dict of float32 scalars: `loss_seg`, the method's terms (unweighted) and `loss`.
@@ -577,6 +645,10 @@ def distillation_losses(
             weights=valid,
         )
         total = total + weight("ickd_weight") * terms["loss_ickd"]
+    loss_category = _category_term(student_out, batch, cfg)
+    if loss_category is not None:
+        terms["loss_category"] = loss_category
+        total = total + float(_field(cfg, "category_weight", 1.0)) * loss_category
     terms["loss"] = total
     return terms
 

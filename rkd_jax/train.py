@@ -354,6 +354,18 @@ def check_same_shapes(target, loaded, what: str) -> None:
         raise ckpt_lib.CheckpointError(f"{what}: unexpected parameters {extra[:3]}")
 
 
+def check_categories(category_id: np.ndarray, num_categories: int, role: str) -> None:
+    """ValueError when a batch's category id has no class in the model's category head."""
+    bad = np.asarray(category_id)
+    bad = bad[(bad < 0) | (bad >= num_categories)]
+    if bad.size:
+        raise ValueError(
+            f"config.{role}.category_classes={num_categories}, but the data has category id "
+            f"{int(bad[0])}: expected ids 0..{num_categories - 1} (COCO's go up to 90: use 91; "
+            "the embedded data's up to 8: use 9)"
+        )
+
+
 def run_phase(config, run_dir: Path, role: str, mesh, teacher_vars=None) -> dict:
     """Train one model (role 'teacher', or 'student' with or without a teacher) in run_dir,
     resuming from its last checkpoint. Returns the final variables (replicated)."""
@@ -462,6 +474,7 @@ def run_phase(config, run_dir: Path, role: str, mesh, teacher_vars=None) -> dict
     if data_state:
         data_iter.set_state(data_state)
 
+    num_categories = int(model_cfg.get("category_classes", 0))
     step_fn = make_train_step(config, mode, tx, model, teacher)
     predict_fn = eval_lib.make_predict_fn(model, float(config.run.threshold))
     if jax.process_index() == 0:
@@ -505,7 +518,10 @@ def run_phase(config, run_dir: Path, role: str, mesh, teacher_vars=None) -> dict
     )
     try:
         for step in range(start, total):
-            batch = parallel.put_batch(next(data_iter), mesh)
+            host_batch = next(data_iter)
+            if num_categories:
+                check_categories(host_batch["category_id"], num_categories, role)
+            batch = parallel.put_batch(host_batch, mesh)
             state, metrics = step_fn(state, batch, teacher_vars, tables)
             pending.append(metrics)
             done = step + 1

@@ -80,6 +80,7 @@ def test_train_batches_shapes_dtypes_ranges(data, tokenizer):
         for row, ref_id in enumerate(batch["ref_id"]):
             ref = refs[int(ref_id)]
             assert sentences[batch["sentence_id"][row]] in ref["sentences"]
+            assert batch["category_id"][row] == ref["category_id"]
             # Image and mask stay aligned through the squash: the masked pixels have the
             # object's colour.
             inside = batch["image"][row][batch["mask"][row] == 1]

@@ -215,10 +215,72 @@ def test_seg_bce_equals_ce_and_dtype():
     half = losses.segmentation_loss(jnp.asarray(logits, jnp.bfloat16), mask)
     assert half.dtype == jnp.float32
     np.testing.assert_allclose(half, ce, rtol=2e-2)
-    with pytest.raises(ValueError, match="kind='dice'.*'ce', 'bce'"):
+    with pytest.raises(ValueError, match="kind='dice'.*'ce', 'bce', 'ce_dice'"):
         losses.segmentation_loss(logits, mask, kind="dice")
     with pytest.raises(ValueError, match=r"logits: expected \[B, h, w, 2\]"):
         losses.segmentation_loss(rand(2, 3, 3, 3), mask)
+
+
+def test_seg_ce_dice_hand_computed():
+    # p(fg) = 3/4 everywhere on a 2x2 image with 2 foreground pixels:
+    # Dice = 1 - (2 * 1.5 + 1) / (3 + 2 + 1) = 1/3, added to the CE of the same logits.
+    mask = np.array([[[1, 0], [0, 1]]])
+    logits = np.zeros((1, 2, 2, 2), np.float32)
+    logits[..., 1] = math.log(3.0)
+    ce = (2 * -math.log(0.75) + 2 * -math.log(0.25)) / 4
+    got = losses.segmentation_loss(logits, mask, kind="ce_dice")
+    assert float(got) == pytest.approx(ce + 1.0 / 3.0, rel=1e-6)
+    # An empty mask and a near-empty prediction: the Dice term is ~0, not 0/0.
+    empty = np.zeros_like(mask)
+    sure_bg = np.zeros_like(logits)
+    sure_bg[..., 0] = 30.0
+    assert float(losses.segmentation_loss(sure_bg, empty, kind="ce_dice")) < 1e-6
+    # The padded example does not count; the per-image Dice weighs a small object's image as
+    # much as a large one's (unlike the per-pixel CE).
+    w = np.array([1.0, 0.0], np.float32)
+    two = np.concatenate([logits, 100 * np.ones_like(logits)])
+    m2 = np.concatenate([mask, mask])
+    assert float(losses.segmentation_loss(two, m2, kind="ce_dice", weights=w)) == pytest.approx(
+        float(got), rel=1e-6
+    )
+
+
+def test_category_loss_hand_computed():
+    # A 2x2 grid over a 4x4 mask: the object covers cell (0, 0) fully and half of cell (0, 1),
+    # so the pooled scores are (1 * s00 + 0.5 * s01) / 1.5.
+    mask = np.zeros((1, 4, 4), np.int32)
+    mask[0, :2, :3] = 1
+    scores = np.zeros((1, 2, 2, 3), np.float32)
+    scores[0, 0, 0] = [2, 0, 0]
+    scores[0, 0, 1] = [0, 4, 0]
+    scores[0, 1, :] = [0, 0, 50]  # cells the object does not touch never count
+    pooled = np.array([2.0, 2.0, 0.0]) / 1.5
+    expected = -(pooled[1] - math.log(np.exp(pooled).sum()))
+    got = losses.category_loss([scores], mask, np.array([1]))
+    assert float(got) == pytest.approx(expected, rel=1e-6)
+    # Levels are averaged; a second level at the mask's own resolution.
+    fine = np.zeros((1, 4, 4, 3), np.float32)
+    both = losses.category_loss([scores, fine], mask, np.array([1]))
+    assert float(both) == pytest.approx((expected + math.log(3.0)) / 2, rel=1e-6)
+    with pytest.raises(ValueError, match="does not divide"):
+        losses.category_loss([np.zeros((1, 3, 3, 3), np.float32)], mask, np.array([1]))
+
+
+def test_category_term_joins_both_losses():
+    mask = np.zeros((2, 4, 4), np.int32)
+    mask[:, 1:3, 1:3] = 1
+    batch = {"mask": mask, "category_id": np.array([0, 2]), "token_mask": np.ones((2, 3))}
+    cats = [rand(2, 2, 2, 3)]
+    out = {"logits": rand(2, 2, 2, 2), "category_logits": cats}
+    cfg = ml_collections.ConfigDict({"seg_loss": "ce", "category_weight": 0.5, "method": "none"})
+    sup = losses.supervised_losses(out, batch, cfg)
+    want = losses.category_loss(cats, mask, batch["category_id"])
+    np.testing.assert_allclose(sup["loss_category"], want, rtol=1e-6)
+    np.testing.assert_allclose(sup["loss"], sup["loss_seg"] + 0.5 * want, rtol=1e-6)
+    dist = losses.distillation_losses({"logits": out["logits"]}, out, batch, cfg)
+    np.testing.assert_allclose(dist["loss"], sup["loss"], rtol=1e-6)
+    with pytest.raises(ValueError, match="no 'category_id'"):
+        losses.supervised_losses(out, {"mask": mask}, cfg)
 
 
 # --- L_VL ----------------------------------------------------------------------------------

@@ -118,6 +118,36 @@ def test_tiny_segmenter_forward_and_text_cache_equivalence():
     np.testing.assert_allclose(np.asarray(out["logits"]), np.asarray(out2["logits"]), atol=1e-5)
 
 
+def test_category_head_scores_the_visual_features_before_each_fusion():
+    c = load_config("distill", "tiny")
+    assert "category_logits" not in build.build_model(c.student).apply(
+        build.init_variables(build.build_model(c.student), c.student, jax.random.key(0), 64, 12),
+        jnp.zeros((1, 64, 64, 3)),
+        jnp.array([[101, 102] + [0] * 10]),
+        jnp.array([[1, 1] + [0] * 10]),
+    )
+    c.student.category_classes = 9
+    m = build.build_model(c.student)
+    v = build.init_variables(m, c.student, jax.random.key(0), 64, 12)
+    assert sorted(k for k in v["params"] if k.startswith("category")) == [
+        "category_v3",
+        "category_v4",
+        "category_v5",
+    ]
+    images = jax.random.uniform(jax.random.key(1), (2, 64, 64, 3))
+    tokens = jnp.array([[101, 1996, 3899, 102] + [0] * 8, [101, 2417, 102] + [0] * 9])
+    mask = (tokens > 0).astype(jnp.int32)
+    out = m.apply(v, images, tokens, mask)
+    assert [x.shape for x in out["category_logits"]] == [(2, 8, 8, 9), (2, 4, 4, 9), (2, 2, 2, 9)]
+    # V3's scores come before any language enters the network; V4's and V5's after V3's fusion.
+    other = m.apply(v, images, tokens.at[:, 1].set(2417), mask)
+    np.testing.assert_array_equal(
+        np.asarray(out["category_logits"][0]), np.asarray(other["category_logits"][0])
+    )
+    assert not np.allclose(np.asarray(out["category_logits"][2]), other["category_logits"][2])
+    assert build.architecture(c.student)["category_classes"] == 9
+
+
 def test_spatial_coordinates_are_hu_et_al_cells():
     c = np.asarray(spatial_coordinates(2, 4))  # 2 rows, 4 columns
     assert c.shape == (8, 8)
@@ -169,7 +199,8 @@ def test_old_configs_without_the_new_fields_build_the_papers_fusion():
     old = c.student.copy_and_resolve_references()
     del old["coord_map"]
     del old["fusion_mode"]
+    del old["category_classes"]
     m = build.build_model(old, bert_config=BertConfig.base())
-    assert (m.coord_map, m.fusion_mode) == (False, "add")
+    assert (m.coord_map, m.fusion_mode, m.category_classes) == (False, "add", 0)
     assert build.architecture(old)["coord_map"] is False
     assert build.architecture(old)["fusion_mode"] == "add"

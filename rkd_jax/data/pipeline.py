@@ -269,6 +269,7 @@ class _TrainBatches:
             "token_mask": self.mask[sentence_id],
             "sentence_id": sentence_id,
             "ref_id": np.array([ex["ref_id"] for ex in examples], np.int32),
+            "category_id": np.array([ex["category_id"] for ex in examples], np.int32),
         }
         if self.offsets is not None:
             batch["pair_id"] = (self.offsets[rows] + choice).astype(np.int32)
@@ -420,7 +421,7 @@ def make_train_iterator(
     Each batch: image float32 [B, S, S, 3] in [0, 1], mask int32 [B, S, S] in {0, 1}, tokens and
     token_mask int32 [B, T], sentence_id int32 [B] (row of `sentence_table(train_split)`) and
     ref_id int32 [B] (which object), with B = `batch_size` per process, S = image_size,
-    T = max_tokens. `num_epochs=None`: forever. With `pair_offsets` (from `train_pairs`) also
+    T = max_tokens, category_id int32 [B] (the object's category). `num_epochs=None`: forever. With `pair_offsets` (from `train_pairs`) also
     pair_id int32 [B]: which (object, sentence) pair of the split the row is.
     """
     _check_process(batch_size, process_index, process_count)

@@ -21,11 +21,12 @@ ARCH_FIELDS = (
     "attention_norm",
     "coord_map",
     "fusion_mode",
+    "category_classes",
 )
 
 
 # What configs saved before a field existed meant (the paper's fusion).
-FIELD_DEFAULTS = {"coord_map": False, "fusion_mode": "add"}
+FIELD_DEFAULTS = {"coord_map": False, "fusion_mode": "add", "category_classes": 0}
 
 
 def resolve_dtype(name: str) -> Any:
@@ -68,6 +69,7 @@ def build_model(model_cfg, dtype: Any = jnp.float32, bert_config: BertConfig | N
         # Configs saved before the field existed had no coordinate map.
         coord_map=bool(model_cfg.get("coord_map", FIELD_DEFAULTS["coord_map"])),
         fusion_mode=str(model_cfg.get("fusion_mode", FIELD_DEFAULTS["fusion_mode"])),
+        category_classes=int(model_cfg.get("category_classes", FIELD_DEFAULTS["category_classes"])),
         dtype=dtype,
     )
 

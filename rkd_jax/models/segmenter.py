@@ -54,6 +54,8 @@ class Segmenter(nn.Module):
       vl_attention: list of A [B, HW_i, L] for V3, V4, V5 (strides 8, 16, 32).
       decoder: D [B, HW/16, fpn_dim], the FPN output distilled by L_C.
       text: [B, L, D] text features (after the encoder, or the precomputed ones).
+      category_logits (only with category_classes > 0): list of [B, h_i, w_i, K] category
+        scores of the visual features entering the fusions at V3, V4, V5.
     """
 
     backbone: str
@@ -67,6 +69,11 @@ class Segmenter(nn.Module):
     attention_norm: str = "softmax"
     coord_map: bool = False  # beyond the paper: pixel coordinates enter the fusion
     fusion_mode: str = "add"  # "add" (the paper's V + Linear(O)) | "multiply" (beyond it)
+    # Beyond the paper: > 0 adds a 1x1 category classifier on the visual features entering each
+    # fusion (V3, V4, V5 before language), trained on the referred object's category
+    # (`losses.category_loss`): a stand-in for the ImageNet pre-training the paper's backbones
+    # start from, which a backbone trained from scratch on referring data lacks.
+    category_classes: int = 0
     dtype: Any = jnp.float32
     fold_bn: bool = False  # inference-only, BatchNorm folded into convs (rkd_jax.fold)
 
@@ -97,6 +104,16 @@ class Segmenter(nn.Module):
             for s in FUSED_STAGES
         ]
         self.decoder = FPN(self.fpn_dim, self.dtype, fold_bn=self.fold_bn)
+        if self.category_classes > 0:
+            self.category_heads = [
+                nn.Dense(
+                    self.category_classes,
+                    dtype=self.dtype,
+                    param_dtype=jnp.float32,
+                    name=f"category_v{s}",
+                )
+                for s in FUSED_STAGES
+            ]
 
     def encode_text(self, tokens: jax.Array, token_mask: jax.Array, train: bool = False):
         """[B, L] token ids and mask -> [B, L, D] text features (stop_gradient when frozen)."""
@@ -116,18 +133,24 @@ class Segmenter(nn.Module):
         else:
             text = text_features
         x = images.astype(self.dtype)
-        taps, attentions = [], []
+        taps, attentions, categories = [], [], []
         for stage in range(1, 6):
             x = self.visual.stage(stage, x, train)
             if stage in FUSED_STAGES:
-                x, attn = self.fusions[stage - FUSED_STAGES[0]](x, text, token_mask)
+                k = stage - FUSED_STAGES[0]
+                if self.category_classes > 0:
+                    categories.append(self.category_heads[k](x).astype(jnp.float32))
+                x, attn = self.fusions[k](x, text, token_mask)
                 attentions.append(attn)
             taps.append(x)
         d, logits = self.decoder(taps[1:], train)
         b, h, w, c = d.shape
-        return {
+        out = {
             "logits": logits.astype(jnp.float32),
             "vl_attention": attentions,
             "decoder": d.reshape(b, h * w, c),
             "text": text,
         }
+        if categories:
+            out["category_logits"] = categories
+        return out
