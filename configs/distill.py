@@ -2,7 +2,7 @@
 
 `python -m rkd_jax.main --config=configs/distill.py[:VARIANT]` with VARIANT one of
   (empty)  the embedded miniature: trains a narrow ResNet teacher, then distils it into a
-           narrower student on the generated RefCOCO-style data (~15 min on 2 CPU cores);
+           narrower student on the generated RefCOCO-style data (15-25 min on 2 CPU cores);
   tiny     a seconds-long smoke configuration (tests, CI);
   lite0    the miniature with the ImageNet EfficientNet-Lite0 student (offline weights);
   paper    the paper's settings: ResNet-101 + BERT-base teacher, ResNet-18 + first 4 BERT
@@ -103,8 +103,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         text_num_layers=2,
     )
 
-    c.teacher_train = train_config(epochs=3, lr=1e-3, lr_decay_epochs=(2,))  # teacher phase
-    c.train = train_config(epochs=3, lr=1e-3, lr_decay_epochs=(2,))  # student / distill phase
+    c.teacher_train = train_config(epochs=4, lr=1e-3, lr_decay_epochs=(3,))  # teacher phase
+    c.train = train_config(epochs=4, lr=1e-3, lr_decay_epochs=(3,))  # student / distill phase
 
     c.distill = ml_collections.ConfigDict()
     # vl_channel (the paper: L_VL + L_C; "rkd" is an old alias that warns, since "rkd" means
@@ -137,10 +137,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     # method compares with) once per (image, sentence) pair of the train split and look them up
     # in the step instead of running the teacher (no augmentation, so they never change); the
     # step then costs about a student step. Kept in memory on every device, so for small data
-    # (~25 KB per pair at 96 px). launch.sh's miniature table turns it on (its students share
-    # one teacher); off here so the default job's documented figures reproduce bit for bit (the
-    # same losses in another summation order drift apart over a run).
-    c.run.cache_teacher_targets = False
+    # (~25 KB per pair at 96 px): on in the miniature, off in the paper variants (39 GB for
+    # RefCOCO) and in tiny (its tests run the teacher in the step; tests/test_teacher_targets.py
+    # shows the two give the same losses and gradients).
+    c.run.cache_teacher_targets = True
     c.run.log_every_steps = 50  # host sync + JSONL/TensorBoard/progress logging period
     c.run.eval_every_epochs = 1  # validation (mIoU, oIoU) period, in epochs
     c.run.checkpoint_every_steps = 500  # periodic checkpoint period (also at every validation)
@@ -176,6 +176,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         c.run.checkpoint_every_steps = 2
         c.run.eval_batch_size = 16
         c.run.max_eval_examples = 32
+        c.run.cache_teacher_targets = False
     elif variant == "lite0":
         c.student = model_config(
             backbone="efficientnet_lite0",
@@ -198,6 +199,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         c.train = train_config(**paper)
         c.distill.seg_loss = "ce"  # the paper's L_seg
         c.run.cache_text_features = False
+        c.run.cache_teacher_targets = False
         c.run.log_every_steps = 100
         c.run.checkpoint_every_steps = 2000
         c.run.eval_batch_size = 32
