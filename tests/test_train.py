@@ -177,6 +177,16 @@ WORKER = textwrap.dedent(
 )
 
 
+def one_device_env() -> dict:
+    """The test environment with one CPU device instead of conftest's 8 fake ones."""
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]
+    return dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        XLA_FLAGS=" ".join([*flags, "--xla_force_host_platform_device_count=1"]),
+    )
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("localhost", 0))
@@ -271,10 +281,12 @@ def test_sigkill_during_save_then_resume_equals_uninterrupted(tmp_path):
     cmd = ["--config", str(ROOT / "configs" / "teacher.py") + ":tiny"] + overrides
     killer = tmp_path / "killer.py"
     killer.write_text(KILLER)
-    env = dict(os.environ, RKD_TEST_KILL_AT_SAVE="4")
+    # One device, as a laptop runs it: the 8 fake devices would run the replicated parts of the
+    # step (and the model's initialisation) 8 times over; sharding is tested above.
+    env = one_device_env()
     killed = subprocess.run(
         [sys.executable, str(killer), *cmd, "--workdir", str(tmp_path / "b")],
-        env=env,
+        env=dict(env, RKD_TEST_KILL_AT_SAVE="4"),
         capture_output=True,
         check=False,
         text=True,
@@ -291,6 +303,7 @@ def test_sigkill_during_save_then_resume_equals_uninterrupted(tmp_path):
     for workdir in ("a", "b"):
         run = subprocess.run(
             [sys.executable, "-m", "rkd_jax.main", *cmd, "--workdir", str(tmp_path / workdir)],
+            env=env,
             capture_output=True,
             check=False,
             text=True,
