@@ -1,5 +1,7 @@
 """Cached teacher targets: the same losses and gradients as the teacher run in the step."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -60,9 +62,28 @@ def test_train_pairs_index_every_sentence_of_every_object(setting):
     it.close()
 
 
+@pytest.fixture(scope="module")
+def outputs(setting):
+    """One train batch and what both models give on it: the method decides only the targets."""
+    config, _, teacher, t_vars, student, s_vars, tokenize = setting
+    offsets, _ = pipeline.train_pairs(config.data)
+    it = pipeline.make_train_iterator(config.data, tokenize, 8, seed=3, pair_offsets=offsets)
+    batch = next(it)
+    it.close()
+    args = batch["image"], batch["tokens"], batch["token_mask"]
+    online = jax.jit(lambda v, *a: teacher.apply(v, *a, train=False))(t_vars, *args)
+    student_out = jax.jit(lambda v, *a: student.apply(v, *a, train=False))(s_vars, *args)
+    return batch, online, student_out
+
+
 @pytest.mark.parametrize("method", sorted(METHODS))
-def test_cached_targets_give_the_online_teachers_losses_and_gradients(setting, method):
-    config, mesh, teacher, t_vars, student, s_vars, tokenize = setting
+def test_cached_targets_give_the_online_teachers_losses_and_gradients(setting, outputs, method):
+    """The losses and their gradients with respect to everything the student outputs are the
+    same with the cached targets as with the online teacher's outputs. The gradients with
+    respect to the student's parameters are these times the student's own Jacobian, the same in
+    both cases (the train step with the cached table: the test below)."""
+    config, mesh, teacher, t_vars, _, _, tokenize = setting
+    batch, online, student_out = outputs
     config = config.copy_and_resolve_references()
     config.distill.method = method
     config.distill.update(METHODS[method])
@@ -71,28 +92,18 @@ def test_cached_targets_give_the_online_teachers_losses_and_gradients(setting, m
             config, teacher, config.teacher, t_vars, tokenize, None, mesh
         )
     assert not hit
+    np.testing.assert_array_equal(offsets, pipeline.train_pairs(config.data)[0])
     assert set(teacher_targets.unflatten(dict(table))) == set(losses.target_keys(config.distill))
-    it = pipeline.make_train_iterator(config.data, tokenize, 8, seed=3, pair_offsets=offsets)
-    batch = next(it)
-    it.close()
 
-    def loss(params, teacher_out):
-        out = student.apply(
-            {"params": params, "batch_stats": s_vars["batch_stats"]},
-            batch["image"],
-            batch["tokens"],
-            batch["token_mask"],
-            train=False,
-        )
-        terms = losses.distillation_losses(teacher_out, out, batch, config.distill)
+    @jax.jit
+    @functools.partial(jax.value_and_grad, has_aux=True)
+    def loss(student_out, teacher_out):
+        terms = losses.distillation_losses(teacher_out, student_out, batch, config.distill)
         return terms["loss"], terms
 
-    online = teacher.apply(
-        t_vars, batch["image"], batch["tokens"], batch["token_mask"], train=False
-    )
     cached = teacher_targets.lookup(table, jnp.asarray(batch["pair_id"]))
-    (_, t_on), g_on = jax.value_and_grad(loss, has_aux=True)(s_vars["params"], online)
-    (_, t_ca), g_ca = jax.value_and_grad(loss, has_aux=True)(s_vars["params"], cached)
+    (_, t_on), g_on = loss(student_out, online)
+    (_, t_ca), g_ca = loss(student_out, cached)
     assert float(t_on["loss"]) > float(t_on["loss_seg"])  # the distillation term is live
     for key in t_on:
         np.testing.assert_allclose(float(t_ca[key]), float(t_on[key]), rtol=RTOL, atol=ATOL)
@@ -100,7 +111,11 @@ def test_cached_targets_give_the_online_teachers_losses_and_gradients(setting, m
     flat_ca = dict(jax.tree_util.tree_leaves_with_path(g_ca))
     assert sum(float(jnp.abs(g).sum()) for _, g in flat_on) > 0
     for path, g in flat_on:
-        np.testing.assert_allclose(flat_ca[path], g, rtol=RTOL, atol=ATOL, err_msg=str(path))
+        # A gradient per output element is a small part of a parameter's (a sum over many
+        # pixels): the absolute tolerance is relative to the output's largest gradient
+        # (measured: differences <= 6e-7 of it).
+        atol = RTOL * float(jnp.abs(g).max())
+        np.testing.assert_allclose(flat_ca[path], g, rtol=RTOL, atol=atol, err_msg=str(path))
 
 
 def test_train_step_with_cached_targets_equals_the_step_with_the_teacher(setting):
