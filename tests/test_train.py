@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -39,12 +40,26 @@ def random_batch(config, batch: int = 8, seed: int = 0) -> dict:
     }
 
 
+_INITIAL_VARIABLES: dict = {}
+
+
+def initial_variables(model_cfg, seed: int, size: int, length: int) -> dict:
+    """build.init_variables of a model config, computed once per process and kept on the host:
+    every caller gets its own device arrays (the train step donates the state it is given)."""
+    key = (json.dumps(model_cfg.to_dict(), sort_keys=True, default=list), seed, size, length)
+    if key not in _INITIAL_VARIABLES:
+        model = build.build_model(model_cfg)
+        variables = build.init_variables(model, model_cfg, build.make_key(seed), size, length)
+        _INITIAL_VARIABLES[key] = jax.tree.map(np.asarray, variables)
+    return jax.tree.map(jnp.asarray, _INITIAL_VARIABLES[key])
+
+
 def setup_models(config, mode="distill", tx=None):
     student = build.build_model(config.student)
     teacher = build.build_model(config.teacher)
     size, length = config.data.image_size, config.data.max_tokens
-    s_vars = build.init_variables(student, config.student, build.make_key(1), size, length)
-    t_vars = build.init_variables(teacher, config.teacher, build.make_key(2), size, length)
+    s_vars = initial_variables(config.student, 1, size, length)
+    t_vars = initial_variables(config.teacher, 2, size, length)
     if tx is None:
         tx, _ = make_optimizer(config.train, 10, frozen=train.text_frozen)
     state = train.TrainState(
@@ -410,9 +425,12 @@ def test_ickd_run_resumes_its_adapter_and_saves_only_the_student(tiny_run, tmp_p
         train.train_and_evaluate(config, workdir)
 
     straight = tmp_path / "straight"
-    run(straight, 4)
+    run(straight, 4)  # checkpoints at steps 2 and 4
+    # The same run stopped after its step-2 checkpoint: the directory without step 4 and the
+    # results written at the end.
     split = tmp_path / "split"
-    run(split, 2)
+    shutil.copytree(straight, split, ignore=shutil.ignore_patterns("4", "results", ".lock"))
+    assert sorted(p.name for p in (split / "checkpoints").iterdir()) == ["2"]
     run(split, 4)  # resumes at step 2: student, optimizer, data order and adapter
     log = [json.loads(line) for line in (split / "metrics.jsonl").open()]
     assert [r["step"] for r in log if "loss_ickd" in r][-1] == 4
