@@ -105,30 +105,31 @@ def test_tiny_segmenter_forward_and_text_cache_equivalence():
     """Precomputed text features give the same outputs as running the text encoder."""
     c = load_config("distill", "tiny")
     m = build.build_model(c.student)
-    v = build.init_variables(m, c.student, jax.random.key(0), 64, 12)
+    v = build.init_variables(m, c.student, build.make_key(0), 64, 12)
     images = jax.random.uniform(jax.random.key(1), (2, 64, 64, 3))
     tokens = jnp.array([[101, 1996, 3899, 102] + [0] * 8, [101, 2417, 102] + [0] * 9])
     mask = (tokens > 0).astype(jnp.int32)
-    out = m.apply(v, images, tokens, mask)
+    # Jitted: one compilation per call instead of one per operation.
+    out = jax.jit(m.apply)(v, images, tokens, mask)
     assert out["logits"].shape == (2, 16, 16, 2)
     assert [a.shape for a in out["vl_attention"]] == [(2, 64, 12), (2, 16, 12), (2, 4, 12)]
     assert out["decoder"].shape == (2, 256, c.student.fpn_dim)
-    text = m.apply(v, tokens, mask, method=m.encode_text)
-    out2 = m.apply(v, images, tokens, mask, text_features=text)
+    text = jax.jit(lambda v, t, k: m.apply(v, t, k, method=m.encode_text))(v, tokens, mask)
+    out2 = jax.jit(m.apply)(v, images, tokens, mask, text_features=text)
     np.testing.assert_allclose(np.asarray(out["logits"]), np.asarray(out2["logits"]), atol=1e-5)
 
 
 def test_category_head_scores_the_visual_features_before_each_fusion():
     c = load_config("distill", "tiny")
-    assert "category_logits" not in build.build_model(c.student).apply(
-        build.init_variables(build.build_model(c.student), c.student, jax.random.key(0), 64, 12),
-        jnp.zeros((1, 64, 64, 3)),
-        jnp.array([[101, 102] + [0] * 10]),
-        jnp.array([[1, 1] + [0] * 10]),
+    # Without the head: no scores among the outputs (their structure, traced, not computed).
+    without = build.build_model(c.student)
+    abstract = build.abstract_variables(without, 64, 12)
+    assert "category_logits" not in jax.eval_shape(
+        without.apply, abstract, *build.dummy_inputs(64, 12)
     )
     c.student.category_classes = 9
     m = build.build_model(c.student)
-    v = build.init_variables(m, c.student, jax.random.key(0), 64, 12)
+    v = build.init_variables(m, c.student, build.make_key(0), 64, 12)
     assert sorted(k for k in v["params"] if k.startswith("category")) == [
         "category_v3",
         "category_v4",
@@ -137,10 +138,11 @@ def test_category_head_scores_the_visual_features_before_each_fusion():
     images = jax.random.uniform(jax.random.key(1), (2, 64, 64, 3))
     tokens = jnp.array([[101, 1996, 3899, 102] + [0] * 8, [101, 2417, 102] + [0] * 9])
     mask = (tokens > 0).astype(jnp.int32)
-    out = m.apply(v, images, tokens, mask)
+    apply = jax.jit(m.apply)
+    out = apply(v, images, tokens, mask)
     assert [x.shape for x in out["category_logits"]] == [(2, 8, 8, 9), (2, 4, 4, 9), (2, 2, 2, 9)]
     # V3's scores come before any language enters the network; V4's and V5's after V3's fusion.
-    other = m.apply(v, images, tokens.at[:, 1].set(2417), mask)
+    other = apply(v, images, tokens.at[:, 1].set(2417), mask)
     np.testing.assert_array_equal(
         np.asarray(out["category_logits"][0]), np.asarray(other["category_logits"][0])
     )
