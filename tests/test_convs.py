@@ -20,15 +20,19 @@ def test_taps_match_grouped_conv_values_and_gradients(k, stride, size):
         rng.standard_normal(depthwise.depthwise_native(x, w, stride).shape), jnp.float32
     )
 
-    def loss(f):
-        return lambda x, w: jnp.sum(f(x, w, stride) * ct)
+    def outputs_and_gradients(f):
+        # Jitted (as in the models): one compilation instead of one per operation.
+        @jax.jit
+        def run(x, w):
+            y, vjp = jax.vjp(lambda x, w: f(x, w, stride), x, w)
+            return y, vjp(ct)
 
-    y_taps = depthwise.depthwise_taps(x, w, stride)
-    y_ref = depthwise.depthwise_native(x, w, stride)
+        return run(x, w)
+
+    y_taps, (gx, gw) = outputs_and_gradients(depthwise.depthwise_taps)
+    y_ref, (rx, rw) = outputs_and_gradients(depthwise.depthwise_native)
     assert y_taps.shape == y_ref.shape
     np.testing.assert_allclose(y_taps, y_ref, atol=2e-5, rtol=1e-5)
-    gx, gw = jax.grad(loss(depthwise.depthwise_taps), (0, 1))(x, w)
-    rx, rw = jax.grad(loss(depthwise.depthwise_native), (0, 1))(x, w)
     np.testing.assert_allclose(gx, rx, atol=2e-5, rtol=1e-5)
     # d/dw sums 3 * H * W products per tap: a looser absolute tolerance.
     np.testing.assert_allclose(gw, rw, atol=1e-3, rtol=1e-5)
@@ -99,18 +103,20 @@ def test_batch_norm_matches_flax(shape):
             )
             return jnp.sum(y * ct), (y, upd)
 
-        (_, (y, upd)), grads = jax.value_and_grad(loss, (0, 1), has_aux=True)(v["params"], x)
+        grad_fn = jax.jit(jax.value_and_grad(loss, (0, 1), has_aux=True))
+        (_, (y, upd)), grads = grad_fn(v["params"], x)
         return y, upd, grads
 
+    ours_train = run(ours, True)
     for train in (True, False):
-        y, upd, (gp, gx) = run(ours, train)
+        y, upd, (gp, gx) = ours_train if train else run(ours, train)
         ry, rupd, (rgp, rgx) = run(ref, train)
         np.testing.assert_allclose(y, ry, atol=2e-5, rtol=1e-5)
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-5), upd, rupd)
         np.testing.assert_allclose(gx, rgx, atol=2e-5, rtol=1e-4)
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-5), gp, rgp)
     # The running statistics move (training mode) by the flax rule.
-    assert not np.allclose(run(ours, True)[1]["batch_stats"]["mean"], v["batch_stats"]["mean"])
+    assert not np.allclose(ours_train[1]["batch_stats"]["mean"], v["batch_stats"]["mean"])
 
 
 def test_batch_norm_train_gradient_through_its_statistics():
@@ -131,7 +137,9 @@ def test_batch_norm_train_gradient_through_its_statistics():
 
         return fn
 
-    ours = jax.grad(loss(lambda x, s, b: depthwise.batch_norm_train(x, s, b, 1e-3)), (0, 1, 2))
-    ref = jax.grad(loss(reference), (0, 1, 2))
+    ours = jax.jit(
+        jax.grad(loss(lambda x, s, b: depthwise.batch_norm_train(x, s, b, 1e-3)), (0, 1, 2))
+    )
+    ref = jax.jit(jax.grad(loss(reference), (0, 1, 2)))
     for g, r in zip(ours(x, s, b), ref(x, s, b)):
         np.testing.assert_allclose(g, r, atol=3e-5, rtol=1e-4)
