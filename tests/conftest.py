@@ -64,3 +64,11 @@ def tiny_run(tmp_path_factory):
     config = tiny_config()
     train.train_and_evaluate(config, workdir)
     return workdir
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test that needs the trained tiny run is one of the suite's `slow` end-to-end checks:
+    training it costs ~1.5 min of CPU, more than the whole `-m "not slow"` loop."""
+    for item in items:
+        if "tiny_run" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)

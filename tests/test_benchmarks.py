@@ -15,6 +15,7 @@ from rkd_jax import platform
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_step_benchmark_smoke(tmp_path):
     out = tmp_path / "smoke.json"
     # conftest's XLA_FLAGS (fake devices, optimisation level 0, the YNNPACK-off flag) carry over.
@@ -109,6 +110,7 @@ def test_peer_runs_with_a_given_interpreter_and_relative_paths(tmp_path, monkeyp
     assert set(peer["versions"]) == {"torch", "torchvision", "transformers"}
 
 
+@pytest.mark.slow
 def test_teacher_targets_benchmark_smoke(tmp_path):
     """benchmarks/teacher_targets.py on the tiny config: both steps run and are timed."""
     out = tmp_path / "targets.json"

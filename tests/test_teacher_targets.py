@@ -14,6 +14,9 @@ from rkd_jax.fold import fold_batch_norm
 from rkd_jax.models import build
 from rkd_jax.optim import make_optimizer
 
+# Initialises and folds the tiny teacher, computes target tables, compiles a distill step twice.
+pytestmark = pytest.mark.slow
+
 # Tolerance: the cached path computes the same float32 operations on the same inputs, but in
 # batches of run.eval_batch_size instead of the training batch, so XLA may order sums
 # differently (measured: |diff| <= ~1e-6 relative here).

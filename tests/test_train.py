@@ -22,6 +22,9 @@ from rkd_jax import train
 from rkd_jax.models import build
 from rkd_jax.optim import make_optimizer
 
+# Each test compiles a train step of the tiny models or trains them (tens of seconds each).
+pytestmark = pytest.mark.slow
+
 
 def random_batch(config, batch: int = 8, seed: int = 0) -> dict:
     rng = np.random.default_rng(seed)
@@ -208,7 +211,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
 def test_two_processes_equal_one_process(tmp_path):
     """jax.distributed on CPU (gloo): 2 processes x 1 device, 3 distill steps, each process
     feeding its half of the global batch -> the parameters of 1 process x 2 devices."""
@@ -282,7 +284,6 @@ def _params(run_dir: Path):
     return step, variables
 
 
-@pytest.mark.slow
 def test_sigkill_during_save_then_resume_equals_uninterrupted(tmp_path):
     """Teacher mode, 6 steps, checkpoints every 2: the process is SIGKILLed while saving
     step 4; the same command resumes from step 2 and ends with the parameters of an
