@@ -1,7 +1,7 @@
 """Speed of rkd_jax's distillation step and student inference, side by side with the PyTorch peer.
 
 On whatever backend JAX has (CPU here, GPU where available), for a config of configs/distill.py:
-- distill: the real train step (`rkd_jax.train.make_train_step`, mode "distill") on random
+- distill: the real train step (`rkd_jax.steps.make_train_step`, mode "distill") on random
   batches of the config's shapes: frozen teacher forward (BatchNorm folded, `rkd_jax.fold`) +
   student forward/backward + AdamW, in images/s;
 - infer: the student's predict function (`rkd_jax.evaluate.make_predict_fn`, folded), images/s;
@@ -364,7 +364,7 @@ class Workload:
         import jax.numpy as jnp
         import numpy as np
 
-        from rkd_jax import evaluate, fold, train
+        from rkd_jax import evaluate, fold, steps, text_features
         from rkd_jax.models import build
         from rkd_jax.models.bert import BertConfig
         from rkd_jax.optim import make_optimizer
@@ -400,15 +400,15 @@ class Workload:
         else:
             self.predict_model, self.predict_vars = self.student, student_vars
         self.teacher_vars = teacher_vars
-        frozen = None if c.student.text_trainable else train.text_frozen
+        frozen = None if c.student.text_trainable else steps.text_frozen
         tx, _ = make_optimizer(c.train, 1000, frozen=frozen)
-        self.state0 = train.TrainState(
+        self.state0 = steps.TrainState(
             step=jnp.zeros((), jnp.int32),
             params=student_vars["params"],
             batch_stats=student_vars["batch_stats"],
             opt_state=tx.init(student_vars["params"]),
         )
-        # Frozen text encoders run once per sentence in training (train.text_table): a table of
+        # Frozen text encoders run once per sentence in training (text_features.text_table): a table of
         # features indexed by sentence_id stands in for it here.
         self.num_sentences = 64
         self.tables = {"student": None, "teacher": None}
@@ -416,12 +416,12 @@ class Workload:
             ("student", self.student, c.student),
             ("teacher", self.teacher, c.teacher),
         ):
-            if train.uses_text_cache(c, cfg):
+            if text_features.uses_text_cache(c, cfg):
                 dim = model.text_config.hidden_size
                 self.tables[role] = jax.random.normal(
                     jax.random.key(5), (self.num_sentences, self.tokens, dim), jnp.float32
                 )
-        self.step_fn = train.make_train_step(c, "distill", tx, self.student, self.teacher)
+        self.step_fn = steps.make_train_step(c, "distill", tx, self.student, self.teacher)
         self.predict_fn = evaluate.make_predict_fn(self.predict_model, float(c.run.threshold))
         self.init_s = time.perf_counter() - t0
         self.params = {

@@ -4,7 +4,7 @@
         [--steps 10] [--repeats 6] [--out FILE.json]
 
 Builds the config's teacher (BatchNorm folded, as in training) and student, the real jitted
-distill step (`train.make_train_step`), and times it both ways, interleaved in one process so a
+distill step (`steps.make_train_step`), and times it both ways, interleaved in one process so a
 shared machine slows both alike: with `tables["targets"] = None` (the teacher's forward in every
 step) and with a table of the method's targets (`rkd_jax.teacher_targets`, looked up by
 pair_id). Prints the median step time and images/s of each and their ratio; --out writes them
@@ -40,7 +40,7 @@ def main(argv=None) -> int:
     import jax.numpy as jnp
     import numpy as np
 
-    from rkd_jax import config_loader, teacher_targets, train
+    from rkd_jax import config_loader, steps, teacher_targets, text_features
     from rkd_jax.fold import fold_batch_norm
     from rkd_jax.models import build
     from rkd_jax.optim import make_optimizer
@@ -51,8 +51,8 @@ def main(argv=None) -> int:
     s_vars = build.init_variables(student, c.student, build.make_key(1), size, length)
     t_vars = build.init_variables(teacher, c.teacher, build.make_key(2), size, length)
     teacher, t_vars = fold_batch_norm(teacher, t_vars)
-    tx, _ = make_optimizer(c.train, 100, frozen=train.text_frozen)
-    step = train.make_train_step(c, "distill", tx, student, teacher)
+    tx, _ = make_optimizer(c.train, 100, frozen=steps.text_frozen)
+    step = steps.make_train_step(c, "distill", tx, student, teacher)
 
     rng = np.random.default_rng(0)
     batch = {
@@ -71,7 +71,7 @@ def main(argv=None) -> int:
         # Frozen text encoders read precomputed features, as in training (run.cache_text_features).
         if not cfg.text_trainable:
             text[role] = jnp.asarray(
-                train.text_features(model, variables, batch["tokens"], batch["token_mask"])
+                text_features.text_features(model, variables, batch["tokens"], batch["token_mask"])
             )
     targets = teacher_targets.make_targets_fn(teacher, c.distill)(
         t_vars, {k: jnp.asarray(v) for k, v in batch.items()}, text.get("teacher")
@@ -88,7 +88,7 @@ def main(argv=None) -> int:
     def fresh():
         params = jax.tree.map(jnp.array, s_vars["params"])
         stats = jax.tree.map(jnp.array, s_vars["batch_stats"])
-        return train.TrainState(jnp.zeros((), jnp.int32), params, stats, tx.init(params))
+        return steps.TrainState(jnp.zeros((), jnp.int32), params, stats, tx.init(params))
 
     states = {k: fresh() for k in tables}
     times = {k: [] for k in tables}

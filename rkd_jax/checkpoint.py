@@ -23,19 +23,23 @@ From plain JAX code:
 from __future__ import annotations
 
 import fcntl
+import functools
 import json
 import logging
 import os
 import socket
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
+
+from rkd_jax.config_loader import phase_configs
+from rkd_jax.models import build
 
 BEST_METRIC = "val_mIoU"
 ITEMS = ("state", "data", "meta")
@@ -329,6 +333,103 @@ def restore(path: str | Path) -> tuple[ml_collections.ConfigDict, dict, dict]:
     config = ml_collections.ConfigDict(meta.get("config", {}))
     meta = dict(meta, step=step, directory=str(directory))
     return config, jax.tree.map(lambda a: a, variables), meta
+
+
+class LoadedModel(NamedTuple):
+    """A checkpoint with the model its variables belong to (`load_model`)."""
+
+    model: Any  # the rebuilt Segmenter
+    variables: dict  # {"params", "batch_stats"}, as restored (on this process's first device)
+    config: ml_collections.ConfigDict  # the run's whole config
+    meta: dict  # the checkpoint's meta item, with "step" and "directory"
+    role: str  # "teacher" | "student"
+    model_config: ml_collections.ConfigDict
+
+
+def load_model(
+    path: str | Path,
+    role: str | None = None,
+    dtype: Any = jnp.float32,
+    expected: tuple[Any, str] | None = None,
+) -> LoadedModel:
+    """Restore a checkpoint and rebuild its model, checked against the restored variables: the
+    one restore-and-rebuild of the project (training's teacher, evaluation, the predictor and
+    export read checkpoints through it).
+
+    Args:
+      path: a run directory (its best checkpoint), its checkpoints/ or one checkpoints/<step>.
+      role: which model of the checkpoint's config the variables belong to; default its meta
+        role.
+      dtype: the rebuilt model's compute dtype.
+      expected: (model config, what) of a reader that knows which model it needs (training's
+        teacher): the checkpoint must record `role` and that model config's architecture, and
+        errors name it as `what`.
+
+    Raises CheckpointError: no checkpoint, another role than `expected` asks for, or variables
+    of another architecture than the model config describes (the first differing parameter).
+    """
+    config, variables, meta = restore(path)
+    where = f"checkpoint {meta.get('directory', path)}/{meta.get('step', '?')}"
+    role = role or meta.get("role")
+    if expected is not None:
+        model_config, what = expected
+        check_role(meta, role, what)
+        check_architecture(meta, model_config, what)
+        describes = f"{what}: its variables do not fit the {role} model of the config"
+    else:
+        if role not in ("teacher", "student"):
+            raise CheckpointError(
+                f"{where}: role {role!r}; expected 'teacher' or 'student' (is this an rkd_jax "
+                "checkpoint?)"
+            )
+        if "teacher" not in config or "student" not in config or "run" not in config:
+            raise CheckpointError(f"{where}: its meta holds no rkd_jax config")
+        model_config = phase_configs(config, role)[0]
+        if role == meta.get("role") and meta.get("model"):
+            model_config = ml_collections.ConfigDict(meta["model"])
+        arch = build.architecture(model_config)
+        describes = (
+            f"{where}: its variables are of another architecture than the {role} model its "
+            f"config describes ({arch['backbone']} width {arch['backbone_width']}, fusion_dim "
+            f"{arch['fusion_dim']}, fpn_dim {arch['fpn_dim']})"
+        )
+    image_size = int(meta.get("image_size", config.data.image_size))
+    max_tokens = int(meta.get("max_tokens", config.data.max_tokens))
+    target = _abstract_variables(build.build_model(model_config), image_size, max_tokens)
+    mismatch = build.shape_mismatch(target["params"], variables["params"]) or (
+        build.shape_mismatch(target.get("batch_stats", {}), variables["batch_stats"])
+    )
+    if mismatch:
+        raise CheckpointError(f"{describes}; variables: {mismatch}")
+    model = build.build_model(model_config, dtype)
+    return LoadedModel(model, variables, config, meta, role, model_config)
+
+
+# Expected shapes per architecture (flax modules hash by their fields): checkpoints of one
+# architecture (two of a run, a reloaded one) trace the model's init once.
+@functools.lru_cache(maxsize=8)
+def _abstract_variables(model, image_size: int, max_tokens: int):
+    return build.abstract_variables(model, image_size, max_tokens)
+
+
+def check_architecture(meta: dict, model_config, what: str) -> None:
+    """CheckpointError unless the architecture `meta` records (if any) is `model_config`'s."""
+    expected = build.architecture(model_config)
+    saved = meta.get("architecture")
+    if saved is None or _normalise(saved) == _normalise(expected):
+        return
+    saved = _normalise(saved)
+    diff = {k: (saved.get(k), expected[k]) for k in expected if saved.get(k) != expected[k]}
+    raise CheckpointError(
+        f"{what} has another architecture than config.{meta.get('role')}: "
+        + ", ".join(f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in diff.items())
+    )
+
+
+def _normalise(arch: dict) -> dict:
+    # Checkpoints saved before a field existed: what it meant then.
+    arch = {**build.FIELD_DEFAULTS, **arch}
+    return {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in arch.items()}
 
 
 def _item(tree: Any, name: str) -> Any:

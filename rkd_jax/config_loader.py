@@ -79,3 +79,10 @@ def load_config_file(spec: str):
     if not hasattr(module, "get_config"):
         raise ValueError(f"config file {file}: defines no get_config(arg)")
     return module.get_config(arg)
+
+
+def phase_configs(config, role: str):
+    """(model config, schedule) of the model a phase trains: role 'teacher' or 'student'."""
+    if role == "teacher":
+        return config.teacher, config.teacher_train
+    return config.student, config.train

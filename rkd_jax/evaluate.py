@@ -356,6 +356,66 @@ def eval_config(config, role: str, model_config, settings: dict[str, Any] | None
     return out
 
 
+def evaluate_split(
+    config,
+    predict_fn,
+    variables,
+    tokenize,
+    split: str,
+    mesh,
+    original_resolution: bool = True,
+    desc: str | None = None,
+) -> dict:
+    """Score one split with the jitted predict function (sharded like training)."""
+    from rkd_jax import parallel
+    from rkd_jax.data import pipeline
+
+    bs = int(config.run.eval_batch_size)
+    parallel.check_batch_size(bs, "run.eval_batch_size")
+    pcount, pindex = jax.process_count(), jax.process_index()
+    batches = pipeline.make_eval_iterator(
+        config.data, tokenize, split, bs // pcount, process_index=pindex, process_count=pcount
+    )
+    limit = int(config.run.max_eval_examples)
+    n = pipeline.num_eval_examples(config.data, split)
+    if limit >= 0:
+        batches = _take_examples(batches, limit // pcount)
+        n = min(n, limit)
+    return evaluate_batches(
+        predict_fn,
+        variables,
+        batches,
+        lambda b: parallel.put_batch(b, mesh),
+        float(config.run.threshold),
+        original_resolution,
+        total=n,
+        desc=desc or split,
+        families=pipeline.sentence_families(config.data, split),
+    )
+
+
+def _take_examples(batches, limit: int):
+    seen = 0
+    for b in batches:
+        if seen >= limit:
+            return
+        valid = b["valid"].copy()
+        room = limit - seen
+        idx = np.nonzero(valid)[0]
+        valid[idx[room:]] = False
+        seen += min(len(idx), room)
+        yield dict(b, valid=valid)
+
+
+def evaluate_run(config, run_dir: Path, splits, mesh) -> dict:
+    """Score the best checkpoint of run_dir on `splits` -> {split: metrics}; writes
+    results/<dataset>_<split>.json through `evaluate_checkpoint`, the path of
+    `python -m rkd_jax.evaluate`: the model and its settings come from the checkpoint, the data
+    settings from `config`."""
+    payloads = evaluate_checkpoint(run_dir, splits, data_settings(config), mesh=mesh)
+    return {split: payload["metrics"] for split, payload in payloads.items()}
+
+
 def run_directory(checkpoints_dir: Path) -> Path:
     """The run directory a checkpoints directory belongs to (paths in results are relative
     to it)."""
@@ -386,7 +446,7 @@ def evaluate_checkpoint(
     anything is written.
     """
     from rkd_jax import checkpoint as ckpt_lib
-    from rkd_jax import parallel, predictor, train
+    from rkd_jax import parallel, predictor
     from rkd_jax.convert.bert import tokenize
     from rkd_jax.data import pipeline, prepare, refer
 
@@ -413,11 +473,11 @@ def evaluate_checkpoint(
     tokenize_fn = partial(tokenize, restored.tokenizer)
     log = logging.getLogger("rkd_jax")
     payloads = {}
-    with train._set_mesh(mesh):
+    with parallel.set_mesh(mesh):
         variables = parallel.replicate(restored.variables, mesh)
         for split in splits:
             t0 = time.perf_counter()
-            res = train.evaluate_split(
+            res = evaluate_split(
                 config, predict_fn, variables, tokenize_fn, split, mesh, desc=f"eval {split}"
             )
             payload = {

@@ -74,19 +74,16 @@ def load_student(checkpoint: str | Path, allow_teacher: bool = False):
     `checkpoint` is a run directory, its checkpoints/ directory or one checkpoints/<step>/.
     A teacher checkpoint raises ExportError unless `allow_teacher`.
     """
-    import ml_collections
-
     from rkd_jax import checkpoint as ckpt_lib
-    from rkd_jax.models import build
-    from rkd_jax.train import check_same_shapes
 
     # The role is in the small meta item: refuse a teacher before reading its weights.
     directory, step = ckpt_lib.find_checkpoint(checkpoint)
     reader = ckpt_lib.Checkpointer(directory, read_only=True)
     try:
-        role = reader.read_meta(step).get("role")
+        saved_meta = reader.read_meta(step)
     finally:
         reader.close()
+    role = saved_meta.get("role")
     where = f"{directory}/{step}"
     if role != "student" and not allow_teacher:
         raise ExportError(
@@ -94,18 +91,13 @@ def load_student(checkpoint: str | Path, allow_teacher: bool = False):
             f"{role!r}); export the student: pass the distillation or student run directory (not "
             "its teacher/ subdirectory), or add --allow-teacher to export it anyway"
         )
-    config, variables, meta = ckpt_lib.restore(f"{directory}/{step}")
-    missing = [k for k in ("model", "image_size", "max_tokens") if k not in meta]
+    missing = [k for k in ("model", "image_size", "max_tokens") if k not in saved_meta]
     if missing:
         raise ExportError(
             f"{where}/meta/metadata: lacks {', '.join(map(repr, missing))}; cannot rebuild the "
             "model (is this an rkd_jax checkpoint?)"
         )
-    model_cfg = ml_collections.ConfigDict(meta["model"])
-    model = build.build_model(model_cfg, jnp.float32)
-    size, max_tokens = int(meta["image_size"]), int(meta["max_tokens"])
-    target = build.abstract_variables(model, size, max_tokens)
-    check_same_shapes(target["params"], variables["params"], f"checkpoint {where}")
+    model, variables, config, meta, _, _ = ckpt_lib.load_model(where, dtype=jnp.float32)
     # Host numpy arrays: they become constants of the exported graph, on no particular device.
     variables = jax.tree.map(lambda a: np.asarray(jax.device_get(a)), variables)
     return model, variables, meta, config

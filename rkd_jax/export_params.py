@@ -101,10 +101,10 @@ def load_model(path: str | os.PathLike, dtype=None):
     """
     import jax.numpy as jnp
 
+    from rkd_jax.checkpoint import CheckpointError
     from rkd_jax.models import build
     from rkd_jax.models.bert import BertConfig
     from rkd_jax.models.segmenter import Segmenter
-    from rkd_jax.train import check_same_shapes
 
     desc = read_metadata(path)
     kwargs = dict(
@@ -117,7 +117,9 @@ def load_model(path: str | os.PathLike, dtype=None):
     variables = load_variables(path)
     target = build.abstract_variables(model, int(desc["image_size"]), int(desc["max_tokens"]))
     for c in COLLECTIONS:
-        check_same_shapes(target.get(c, {}), variables[c], f"{path} ({c})")
+        mismatch = build.shape_mismatch(target.get(c, {}), variables[c])
+        if mismatch:
+            raise CheckpointError(f"{path} ({c}): {mismatch}")
     return model, variables, desc
 
 

@@ -1,7 +1,7 @@
 """On-disk cache of frozen text features, shared by the runs of one experiment.
 
 With a frozen text encoder a run computes the features of every unique training sentence
-once (`train.text_features`). The runs of launch.sh's table use the same sentences and, per
+once (`text_features.text_table`). The runs of launch.sh's table use the same sentences and, per
 model, the same frozen encoder weights, so they would compute the same array dozens of
 times. `load_or_compute` stores it under a key that fingerprints everything the array
 depends on: the encoder's weights (paths, shapes, dtypes and bytes), the model config, the

@@ -162,6 +162,13 @@ def make_mesh() -> jax.sharding.Mesh:
     return jax.make_mesh((n,), (DATA_AXIS,))
 
 
+def set_mesh(mesh: jax.sharding.Mesh):
+    """Context manager making `mesh` the current one (`jax.set_mesh`; `use_mesh` on older jax)."""
+    if hasattr(jax, "set_mesh"):
+        return jax.set_mesh(mesh)
+    return jax.sharding.use_mesh(mesh)
+
+
 def data_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(DATA_AXIS))
 

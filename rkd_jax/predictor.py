@@ -368,7 +368,7 @@ class Predictor:
         )
 
 
-# Compiled functions and expected shapes per architecture (flax modules hash by their fields):
+# Compiled functions per architecture (flax modules hash by their fields):
 # predictors of one architecture (two checkpoints of a run, a reloaded one) compile once.
 @functools.lru_cache(maxsize=8)
 def _jitted_predict(model, threshold: float):
@@ -395,13 +395,6 @@ def _jitted_taps(model):
     return jax.jit(taps)
 
 
-@functools.lru_cache(maxsize=8)
-def _expected_variables(model, image_size: int, max_tokens: int):
-    from rkd_jax.models import build
-
-    return build.abstract_variables(model, image_size, max_tokens)
-
-
 def load(
     path: str | os.PathLike,
     role: str | None = None,
@@ -425,45 +418,16 @@ def load(
       CheckpointError: no checkpoint at `path`, or variables that do not fit the model its
         config describes (another architecture).
     """
-    import ml_collections
-
-    from rkd_jax import checkpoint as ckpt_lib
-    from rkd_jax import train
-    from rkd_jax.models import build
-
-    config, variables, meta = ckpt_lib.restore(path)
-    where = f"checkpoint {meta.get('directory', path)}/{meta.get('step', '?')}"
-    role = role or meta.get("role")
-    if role not in ("teacher", "student"):
-        raise ckpt_lib.CheckpointError(
-            f"{where}: role {role!r}; expected 'teacher' or 'student' (is this an rkd_jax "
-            "checkpoint?)"
-        )
-    if "teacher" not in config or "student" not in config or "run" not in config:
-        raise ckpt_lib.CheckpointError(f"{where}: its meta holds no rkd_jax config")
-    model_config = train.phase_configs(config, role)[0]
-    if role == meta.get("role") and meta.get("model"):
-        model_config = ml_collections.ConfigDict(meta["model"])
-    image_size = int(meta.get("image_size", config.data.image_size))
-    max_tokens = int(meta.get("max_tokens", config.data.max_tokens))
-    target = _expected_variables(build.build_model(model_config), image_size, max_tokens)
-    try:
-        train.check_same_shapes(target["params"], variables["params"], "variables")
-        train.check_same_shapes(
-            target.get("batch_stats", {}), variables["batch_stats"], "variables"
-        )
-    except ckpt_lib.CheckpointError as e:
-        arch = build.architecture(model_config)
-        raise ckpt_lib.CheckpointError(
-            f"{where}: its variables are of another architecture than the {role} model its "
-            f"config describes ({arch['backbone']} width {arch['backbone_width']}, fusion_dim "
-            f"{arch['fusion_dim']}, fpn_dim {arch['fpn_dim']}); {e}"
-        ) from None
-    # One device does the predicting: variables restored replicated over a training mesh would
-    # make every call run once per device.
     import jax
 
-    variables = jax.device_put(variables, jax.local_devices()[0])
+    from rkd_jax import checkpoint as ckpt_lib
+
+    loaded = ckpt_lib.load_model(path, role)
+    # One device does the predicting: variables restored replicated over a training mesh would
+    # make every call run once per device.
+    variables = jax.device_put(loaded.variables, jax.local_devices()[0])
+    config, model_config, meta = loaded.config, loaded.model_config, loaded.meta
+    role = loaded.role
     return Predictor(config, model_config, role, variables, meta, batch_size, threshold, dtype)
 
 

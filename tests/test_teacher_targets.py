@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from conftest import tiny_config
 
-from rkd_jax import losses, parallel, teacher_targets, train
+from rkd_jax import losses, parallel, steps, teacher_targets, text_features
 from rkd_jax.data import pipeline, prepare
 from rkd_jax.fold import fold_batch_norm
 from rkd_jax.models import build
@@ -45,7 +45,7 @@ def setting():
     teacher, t_vars = fold_batch_norm(teacher, t_vars)
     student = build.build_model(config.student)
     s_vars = build.init_variables(student, config.student, build.make_key(1), size, length)
-    tokenize = train.make_tokenizer(config, ("student", "teacher"))
+    tokenize = text_features.make_tokenizer(config, ("student", "teacher"))
     return config, mesh, teacher, t_vars, student, s_vars, tokenize
 
 
@@ -90,7 +90,7 @@ def test_cached_targets_give_the_online_teachers_losses_and_gradients(setting, o
     config = config.copy_and_resolve_references()
     config.distill.method = method
     config.distill.update(METHODS[method])
-    with train._set_mesh(mesh):
+    with parallel.set_mesh(mesh):
         table, offsets, hit = teacher_targets.compute_table(
             config, teacher, config.teacher, t_vars, tokenize, None, mesh
         )
@@ -123,12 +123,12 @@ def test_cached_targets_give_the_online_teachers_losses_and_gradients(setting, o
 
 def test_train_step_with_cached_targets_equals_the_step_with_the_teacher(setting):
     config, mesh, teacher, t_vars, student, s_vars, tokenize = setting
-    with train._set_mesh(mesh):
+    with parallel.set_mesh(mesh):
         table, offsets, _ = teacher_targets.compute_table(
             config, teacher, config.teacher, t_vars, tokenize, None, mesh
         )
-        tx, _ = make_optimizer(config.train, 10, frozen=train.text_frozen)
-        step = train.make_train_step(config, "distill", tx, student, teacher)
+        tx, _ = make_optimizer(config.train, 10, frozen=steps.text_frozen)
+        step = steps.make_train_step(config, "distill", tx, student, teacher)
         it = pipeline.make_train_iterator(config.data, tokenize, 8, seed=0, pair_offsets=offsets)
         batches = [parallel.put_batch(next(it), mesh) for _ in range(2)]
         it.close()
@@ -137,7 +137,7 @@ def test_train_step_with_cached_targets_equals_the_step_with_the_teacher(setting
             # A fresh copy each time: the step donates (deletes) the state it is given.
             fresh = jax.tree.map(np.array, (s_vars["params"], s_vars["batch_stats"]))
             state = parallel.replicate(
-                train.TrainState(jnp.zeros((), jnp.int32), *fresh, tx.init(fresh[0])), mesh
+                steps.TrainState(jnp.zeros((), jnp.int32), *fresh, tx.init(fresh[0])), mesh
             )
             tables = {"student": None, "teacher": None, "targets": targets}
             for b in batches:

@@ -18,7 +18,7 @@ from conftest import ROOT, tiny_config
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from rkd_jax import train
+from rkd_jax import steps, train
 from rkd_jax.models import build
 from rkd_jax.optim import make_optimizer
 
@@ -64,11 +64,11 @@ def setup_models(config, mode="distill", tx=None):
     s_vars = initial_variables(config.student, 1, size, length)
     t_vars = initial_variables(config.teacher, 2, size, length)
     if tx is None:
-        tx, _ = make_optimizer(config.train, 10, frozen=train.text_frozen)
-    state = train.TrainState(
+        tx, _ = make_optimizer(config.train, 10, frozen=steps.text_frozen)
+    state = steps.TrainState(
         jnp.zeros((), jnp.int32), s_vars["params"], s_vars["batch_stats"], tx.init(s_vars["params"])
     )
-    step = train.make_train_step(config, mode, tx, student, teacher if mode == "distill" else None)
+    step = steps.make_train_step(config, mode, tx, student, teacher if mode == "distill" else None)
     return step, state, t_vars
 
 
@@ -385,13 +385,13 @@ def test_nan_loss_stops_with_step_and_term(tmp_path):
 def test_ickd_step_trains_its_adapter_outside_the_student():
     config = tiny_config()
     config.distill.method = "ickd"
-    tx, _ = make_optimizer(config.train, 10, frozen=train.text_frozen)
+    tx, _ = make_optimizer(config.train, 10, frozen=steps.text_frozen)
     step, state, t_vars = setup_models(config, tx=tx)
     batch = random_batch(config, seed=5)
     tables = {"student": None, "teacher": None}
     with pytest.raises(ValueError, match="init_aux"):
         step(state, batch, t_vars, tables)
-    state = state.replace(aux=train.init_aux(config, "distill", tx, build.make_key(3)))
+    state = state.replace(aux=steps.init_aux(config, "distill", tx, build.make_key(3)))
     assert set(state.aux["params"]) == {"conv1x1", "bn"}
     new_state, metrics = step(jax.tree.map(jnp.copy, state), batch, t_vars, tables)
     assert np.isfinite(float(metrics["loss_ickd"])) and float(metrics["loss_ickd"]) > 0
@@ -409,8 +409,8 @@ def test_ickd_step_trains_its_adapter_outside_the_student():
     # Without the adapter (ickd_adapter=False) the state has no aux and the loss differs.
     config.distill.ickd_adapter = False
     plain_step, plain_state, _ = setup_models(config, tx=tx)
-    assert not train.uses_adapter(config, "distill")
-    assert train.init_aux(config, "distill", tx, build.make_key(3)) is None
+    assert not steps.uses_adapter(config, "distill")
+    assert steps.init_aux(config, "distill", tx, build.make_key(3)) is None
     _, plain = plain_step(plain_state, batch, t_vars, tables)
     assert float(plain["loss_ickd"]) != pytest.approx(float(metrics["loss_ickd"]))
 

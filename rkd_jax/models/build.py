@@ -139,19 +139,30 @@ def init_variables(
 
 def _replace(target, loaded, what: str):
     """Swap a subtree for loaded weights after checking that structure and shapes agree."""
-    t_flat = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(target)}
-    l_flat = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(loaded)}
-    for key, value in t_flat.items():
-        if key not in l_flat:
-            raise ValueError(f"{what}: converted weights lack {key} (shape {value.shape})")
-        if tuple(l_flat[key].shape) != tuple(value.shape):
-            raise ValueError(
-                f"{what}: {key} has shape {tuple(l_flat[key].shape)}, model expects {value.shape}"
-            )
-    extra = sorted(set(l_flat) - set(t_flat))
-    if extra:
-        raise ValueError(f"{what}: converted weights have keys the model lacks: {extra[:3]}")
+    mismatch = shape_mismatch(target, loaded)
+    if mismatch:
+        raise ValueError(f"{what}: converted weights do not fit the model: {mismatch}")
     return jax.tree.map(lambda t, l: jnp.asarray(l, t.dtype), target, loaded)
+
+
+def shape_mismatch(target, loaded) -> str | None:
+    """The first difference of two variable trees' structure or shapes, in words, or None.
+
+    target: the model's variables (arrays or ShapeDtypeStructs); loaded: restored or converted.
+    """
+    t = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_leaves_with_path(target)}
+    s = {
+        jax.tree_util.keystr(k): np.shape(v) for k, v in jax.tree_util.tree_leaves_with_path(loaded)
+    }
+    for key, shape in t.items():
+        if key not in s:
+            return f"lacks parameter {key} {tuple(shape)}"
+        if tuple(s[key]) != tuple(shape):
+            return f"parameter {key} has shape {tuple(s[key])}, expected {tuple(shape)}"
+    extra = sorted(set(s) - set(t))
+    if extra:
+        return f"unexpected parameters {extra[:3]}"
+    return None
 
 
 def architecture(model_cfg) -> dict:
