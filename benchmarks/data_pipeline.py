@@ -467,8 +467,8 @@ def main(argv=None) -> int:
     if not args.gpu_results.is_file():
         p.error(f"--gpu-results {args.gpu_results}: no such file")
 
-    from rkd_jax.convert import bert
-    from rkd_jax.data import prepare
+    from rkd_jax.data import prepare, tokenizer
+    from rkd_jax.pretrained import default_text_encoder_dir
 
     load_start = os.getloadavg()
     start = time.perf_counter()
@@ -483,8 +483,8 @@ def main(argv=None) -> int:
             root, source = str(coco), {**source, "reencoded": summary}
     data_dir, name = prepare.ensure_prepared(data_config(args, 96, 0, root))
     print(f"dataset {name} in {data_dir} (ready in {time.perf_counter() - start:.1f} s)")
-    tokenizer = functools.partial(
-        bert.tokenize, bert.load_tokenizer(bert.default_text_encoder_dir())
+    tokenize = functools.partial(
+        tokenizer.tokenize, tokenizer.load_tokenizer(default_text_encoder_dir())
     )
     rows = []
     print(
@@ -494,7 +494,7 @@ def main(argv=None) -> int:
     for size in args.sizes:
         for workers in args.workers:
             cfg = data_config(args, size, workers, root)
-            row = measure(cfg, tokenizer, args.batch_size, args.batches, args.warmup)
+            row = measure(cfg, tokenize, args.batch_size, args.batches, args.warmup)
             rows.append(row)
             print(
                 f"{size:>5} {workers:>7} {row['examples_per_s']:>11.1f} "

@@ -6,8 +6,8 @@ Times (best of --repeats, after a warm-up call) the forward and the gradient (in
 kernel) of every distinct depthwise conv of EfficientNet-Lite0 at --size x --size input, then
 the whole Lite0 backbone's training gradient (BatchNorm in training mode), each with
 `lax.conv_general_dilated(feature_group_count=C)` ("native") and with
-`rkd_jax.models.convs.depthwise_taps` ("taps"), and once more with flax's nn.BatchNorm in
-place of rkd_jax.models.convs.BatchNorm (the tree-summed statistics). Prints one row per shape and the load average,
+`rkd_jax.models.layers.depthwise_taps` ("taps"), and once more with flax's nn.BatchNorm in
+place of rkd_jax.models.layers.BatchNorm (the tree-summed statistics). Prints one row per shape and the load average,
 since a shared machine skews absolute times (the ratios hold better).
 """
 
@@ -53,7 +53,7 @@ def main(argv=None) -> int:
     import jax.numpy as jnp
     from flax import linen as nn
 
-    from rkd_jax.models import convs, efficientnet
+    from rkd_jax.models import efficientnet, layers
     from rkd_jax.models.efficientnet import EfficientNet, architecture
 
     load0 = os.getloadavg()
@@ -70,7 +70,7 @@ def main(argv=None) -> int:
         x = jax.random.normal(jax.random.key(0), (args.batch, h_in, h_in, c))
         w = jax.random.normal(jax.random.key(1), (spec.kernel, spec.kernel, c))
         row = {"input": list(x.shape), "kernel": spec.kernel, "stride": spec.stride}
-        for name, f in (("native", convs.depthwise_native), ("taps", convs.depthwise_taps)):
+        for name, f in (("native", layers.depthwise_native), ("taps", layers.depthwise_taps)):
             s = spec.stride
             fwd = jax.jit(lambda x, w, f=f, s=s: f(x, w, s))
             grad = jax.jit(jax.grad(lambda x, w, f=f, s=s: jnp.sum(f(x, w, s) ** 2), (0, 1)))
@@ -100,7 +100,7 @@ def main(argv=None) -> int:
     backbone = {}
     for name in ("native", "taps", "taps_flax_batchnorm"):
         if name == "native":
-            with convs.native_depthwise():
+            with layers.native_depthwise():
                 fn = jax.jit(jax.grad(loss)).lower(v["params"], x).compile()
         elif name == "taps":
             fn = jax.jit(jax.grad(loss)).lower(v["params"], x).compile()
@@ -109,7 +109,7 @@ def main(argv=None) -> int:
             try:
                 fn = jax.jit(jax.grad(loss)).lower(v["params"], x).compile()
             finally:
-                efficientnet.BatchNorm = convs.BatchNorm
+                efficientnet.BatchNorm = layers.BatchNorm
         backbone[name] = best_ms(fn, v["params"], x, repeats=args.repeats)
     print(
         f"Lite0 backbone training gradient, batch {args.batch}, {args.size}x{args.size}: "

@@ -2,7 +2,7 @@
 
 On whatever backend JAX has (CPU here, GPU where available), for a config of configs/distill.py:
 - distill: the real train step (`rkd_jax.steps.make_train_step`, mode "distill") on random
-  batches of the config's shapes: frozen teacher forward (BatchNorm folded, `rkd_jax.fold`) +
+  batches of the config's shapes: frozen teacher forward (BatchNorm folded, `rkd_jax.models.fold`) +
   student forward/backward + AdamW, in images/s;
 - infer: the student's predict function (`rkd_jax.evaluate.make_predict_fn`, folded), images/s;
 - latency: batch-1 predict, median / p90 / mean over `--latency-runs` calls;
@@ -364,8 +364,8 @@ class Workload:
         import jax.numpy as jnp
         import numpy as np
 
-        from rkd_jax import evaluate, fold, steps, text_features
-        from rkd_jax.models import build
+        from rkd_jax import evaluate, pretrained, steps, text_features
+        from rkd_jax.models import build, fold
         from rkd_jax.models.bert import BertConfig
         from rkd_jax.optim import make_optimizer
 
@@ -383,7 +383,7 @@ class Workload:
         self.student = build.build_model(c.student, self.dtype, bert)
         self.teacher = build.build_model(c.teacher, self.dtype, bert)
         # Variable shapes do not depend on the image size: initialise on small images.
-        init = lambda model, cfg, i: build.init_variables(
+        init = lambda model, cfg, i: pretrained.init_variables(
             model,
             cfg,
             jax.random.fold_in(build.make_key(0), i),

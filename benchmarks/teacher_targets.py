@@ -40,16 +40,16 @@ def main(argv=None) -> int:
     import jax.numpy as jnp
     import numpy as np
 
-    from rkd_jax import config_loader, steps, teacher_targets, text_features
-    from rkd_jax.fold import fold_batch_norm
+    from rkd_jax import config_loader, pretrained, steps, teacher_targets, text_features
     from rkd_jax.models import build
+    from rkd_jax.models.fold import fold_batch_norm
     from rkd_jax.optim import make_optimizer
 
     c = config_loader.load_config_file(a.config)
     size, length, b = int(c.data.image_size), int(c.data.max_tokens), a.batch
     student, teacher = build.build_model(c.student), build.build_model(c.teacher)
-    s_vars = build.init_variables(student, c.student, build.make_key(1), size, length)
-    t_vars = build.init_variables(teacher, c.teacher, build.make_key(2), size, length)
+    s_vars = pretrained.init_variables(student, c.student, build.make_key(1), size, length)
+    t_vars = pretrained.init_variables(teacher, c.teacher, build.make_key(2), size, length)
     teacher, t_vars = fold_batch_norm(teacher, t_vars)
     tx, _ = make_optimizer(c.train, 100, frozen=steps.text_frozen)
     step = steps.make_train_step(c, "distill", tx, student, teacher)

@@ -447,8 +447,8 @@ def evaluate_checkpoint(
     """
     from rkd_jax import checkpoint as ckpt_lib
     from rkd_jax import parallel, predictor
-    from rkd_jax.convert.bert import tokenize
     from rkd_jax.data import pipeline, prepare, refer
+    from rkd_jax.data.tokenizer import tokenize
 
     path = Path(checkpoint).absolute()
     directory, step = ckpt_lib.find_checkpoint(path)

@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rkd_jax import cli
-from rkd_jax.models.convs import native_depthwise
+from rkd_jax.models.layers import native_depthwise
 
 FORMATS = ("onnx", "jax", "params")  # params: rkd_jax.export_params
 INPUT_NAMES = ("image", "tokens", "token_mask")
@@ -417,7 +417,8 @@ def tokenizer_for(model_cfg):
     """(tokenize(texts, max_len) -> (ids, mask), HF tokenizer, text encoder directory)."""
     import functools
 
-    from rkd_jax.convert.bert import load_tokenizer, resolve_text_encoder_dir, tokenize
+    from rkd_jax.data.tokenizer import load_tokenizer, tokenize
+    from rkd_jax.pretrained import resolve_text_encoder_dir
 
     directory = resolve_text_encoder_dir(model_cfg["text_encoder_dir"])
     tok = load_tokenizer(directory)
@@ -437,11 +438,10 @@ def photo_inputs(image_size: int, tokenize, max_tokens: int, sentence: str = PAR
 
 def backbone_normalisation(backbone: str) -> tuple[list[float], list[float]]:
     """(mean, std) the backbone applies inside the model to [0, 1] pixels."""
-    from rkd_jax.models.resnet import IMAGENET_MEAN, IMAGENET_STD
+    from rkd_jax.models.layers import input_normalisation
 
-    if backbone == "efficientnet_lite0":
-        return [0.5, 0.5, 0.5], [0.5, 0.5, 0.5]
-    return list(IMAGENET_MEAN), list(IMAGENET_STD)
+    mean, std = input_normalisation(backbone)
+    return list(mean), list(std)
 
 
 def vocab_text(tok, text_dir: Path) -> bytes:

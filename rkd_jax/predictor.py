@@ -200,8 +200,9 @@ class Predictor:
         threshold: float | None = None,
         dtype: Any = None,
     ):
-        from rkd_jax.convert.bert import load_tokenizer, resolve_text_encoder_dir
+        from rkd_jax.data.tokenizer import load_tokenizer
         from rkd_jax.models import build
+        from rkd_jax.pretrained import resolve_text_encoder_dir
 
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size}: expected a positive integer")
@@ -237,7 +238,7 @@ class Predictor:
         Empty expressions raise InputError; over-long ones are truncated with an
         ExpressionTruncatedWarning naming them.
         """
-        from rkd_jax.convert.bert import tokenize
+        from rkd_jax.data.tokenizer import tokenize
 
         texts = [
             check_expression(t, i if len(expressions) > 1 else None)

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import optax
 
 from rkd_jax import losses as loss_lib
-from rkd_jax import teacher_targets
+from rkd_jax import pretrained, teacher_targets
 from rkd_jax.models import build
 from rkd_jax.models.adapter import ChannelAdapter
 
@@ -71,7 +71,7 @@ def create_train_state(
     """Step 0: the model's initial variables (with the pretrained weights the config names),
     the optimizer's state and, where the step has one, the adapter's (`init_aux`)."""
     size, max_tokens = int(config.data.image_size), int(config.data.max_tokens)
-    variables = build.init_variables(model, model_cfg, rng, size, max_tokens)
+    variables = pretrained.init_variables(model, model_cfg, rng, size, max_tokens)
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=variables["params"],

@@ -25,7 +25,8 @@ def uses_text_cache(config, model_cfg) -> bool:
 
 
 def _tokenizer(model_cfg, max_tokens: int):
-    from rkd_jax.convert.bert import load_tokenizer, resolve_text_encoder_dir, tokenize
+    from rkd_jax.data.tokenizer import load_tokenizer, tokenize
+    from rkd_jax.pretrained import resolve_text_encoder_dir
 
     tok = load_tokenizer(resolve_text_encoder_dir(model_cfg.text_encoder_dir))
     return functools.partial(tokenize, tok), tok

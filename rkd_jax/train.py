@@ -100,7 +100,7 @@ def _make_phase(config, role: str, teacher_vars) -> Phase:
     teacher = None
     if mode == "distill":
         # The frozen teacher only runs in inference mode: its BatchNorms fold into its convs.
-        from rkd_jax.fold import fold_batch_norm
+        from rkd_jax.models.fold import fold_batch_norm
 
         teacher, teacher_vars = fold_batch_norm(
             build.build_model(config.teacher, dtype), teacher_vars

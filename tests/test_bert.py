@@ -14,17 +14,14 @@ import pytest
 from rkd_jax.convert.bert import (
     WEIGHT_FILES,
     convert_bert,
-    count_tokens,
-    default_text_encoder_dir,
     find_weights_file,
     load_bert,
-    load_tokenizer,
     read_flax_msgpack,
-    resolve_text_encoder_dir,
-    tokenize,
 )
 from rkd_jax.convert.common import ConversionError, read_state_dict
+from rkd_jax.data.tokenizer import count_tokens, load_tokenizer, tokenize
 from rkd_jax.models.bert import Bert, BertConfig
+from rkd_jax.pretrained import default_text_encoder_dir, resolve_text_encoder_dir
 
 REFERENCE_TEXT = "the dog behind the bench"
 REFERENCE_IDS = [101, 1996, 3899, 2369, 1996, 6847, 102]

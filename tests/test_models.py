@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from rkd_jax import pretrained
 from rkd_jax.models import build
 from rkd_jax.models.bert import BertConfig
 from rkd_jax.models.fusion import VLFusion, spatial_coordinates, vl_attention
@@ -105,7 +106,7 @@ def test_tiny_segmenter_forward_and_text_cache_equivalence():
     """Precomputed text features give the same outputs as running the text encoder."""
     c = load_config("distill", "tiny")
     m = build.build_model(c.student)
-    v = build.init_variables(m, c.student, build.make_key(0), 64, 12)
+    v = pretrained.init_variables(m, c.student, build.make_key(0), 64, 12)
     images = jax.random.uniform(jax.random.key(1), (2, 64, 64, 3))
     tokens = jnp.array([[101, 1996, 3899, 102] + [0] * 8, [101, 2417, 102] + [0] * 9])
     mask = (tokens > 0).astype(jnp.int32)
@@ -129,7 +130,7 @@ def test_category_head_scores_the_visual_features_before_each_fusion():
     )
     c.student.category_classes = 9
     m = build.build_model(c.student)
-    v = build.init_variables(m, c.student, build.make_key(0), 64, 12)
+    v = pretrained.init_variables(m, c.student, build.make_key(0), 64, 12)
     assert sorted(k for k in v["params"] if k.startswith("category")) == [
         "category_v3",
         "category_v4",

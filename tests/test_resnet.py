@@ -13,7 +13,8 @@ from torch_refs import TorchResNet, numpy_state, randomize_batchnorm, to_nhwc
 
 from rkd_jax.convert.common import ConversionError, read_state_dict
 from rkd_jax.convert.vision import convert_resnet, load_backbone_weights
-from rkd_jax.models.resnet import IMAGENET_MEAN, IMAGENET_STD, ResNet, ResNet18, ResNet101
+from rkd_jax.models.layers import IMAGENET_MEAN, IMAGENET_STD
+from rkd_jax.models.resnet import ResNet, ResNet18, ResNet101
 
 RTOL = 1e-4
 

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from conftest import tiny_config
 
-from rkd_jax import losses, parallel, steps, teacher_targets, text_features
+from rkd_jax import losses, parallel, pretrained, steps, teacher_targets, text_features
 from rkd_jax.data import pipeline, prepare
-from rkd_jax.fold import fold_batch_norm
 from rkd_jax.models import build
+from rkd_jax.models.fold import fold_batch_norm
 from rkd_jax.optim import make_optimizer
 
 # Initialises and folds the tiny teacher, computes target tables, compiles a distill step twice.
@@ -37,14 +37,14 @@ def setting():
     mesh = parallel.make_mesh()
     size, length = config.data.image_size, config.data.max_tokens
     teacher = build.build_model(config.teacher)
-    t_vars = build.init_variables(teacher, config.teacher, build.make_key(2), size, length)
+    t_vars = pretrained.init_variables(teacher, config.teacher, build.make_key(2), size, length)
     # Random BatchNorm statistics, so the folded inference teacher is not the identity.
     t_vars["batch_stats"] = jax.tree.map(
         lambda x: x + 0.1 * jax.random.uniform(build.make_key(3), x.shape), t_vars["batch_stats"]
     )
     teacher, t_vars = fold_batch_norm(teacher, t_vars)
     student = build.build_model(config.student)
-    s_vars = build.init_variables(student, config.student, build.make_key(1), size, length)
+    s_vars = pretrained.init_variables(student, config.student, build.make_key(1), size, length)
     tokenize = text_features.make_tokenizer(config, ("student", "teacher"))
     return config, mesh, teacher, t_vars, student, s_vars, tokenize
 

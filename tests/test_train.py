@@ -18,7 +18,7 @@ from conftest import ROOT, tiny_config
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from rkd_jax import steps, train
+from rkd_jax import pretrained, steps, train
 from rkd_jax.models import build
 from rkd_jax.optim import make_optimizer
 
@@ -52,7 +52,7 @@ def initial_variables(model_cfg, seed: int, size: int, length: int) -> dict:
     key = (json.dumps(model_cfg.to_dict(), sort_keys=True, default=list), seed, size, length)
     if key not in _INITIAL_VARIABLES:
         model = build.build_model(model_cfg)
-        variables = build.init_variables(model, model_cfg, build.make_key(seed), size, length)
+        variables = pretrained.init_variables(model, model_cfg, build.make_key(seed), size, length)
         _INITIAL_VARIABLES[key] = jax.tree.map(np.asarray, variables)
     return jax.tree.map(jnp.asarray, _INITIAL_VARIABLES[key])
 

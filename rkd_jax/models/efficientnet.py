@@ -32,11 +32,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from rkd_jax.models.convs import BatchNorm, DepthwiseConv
-from rkd_jax.models.resnet import norm_or_folded
+from rkd_jax.models.layers import BatchNorm, DepthwiseConv, input_normalisation, norm_or_folded
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 BN_EPSILON = 1e-3  # the TF reference's BatchNorm
 
 VARIANTS = ("b0", "lite0")
@@ -194,7 +191,7 @@ class EfficientNet(nn.Module):
         the reference; when > 0, training needs a 'dropout' rng.
       dtype: compute dtype; parameters and BatchNorm statistics stay float32.
       fold_bn: inference-only variant whose convs carry a bias and no BatchNorm follows them
-        (variables from `rkd_jax.fold.fold_batch_norm`).
+        (variables from `rkd_jax.models.fold.fold_batch_norm`).
     """
 
     variant: str
@@ -247,9 +244,8 @@ class EfficientNet(nn.Module):
         if not 1 <= i <= 5:
             raise ValueError(f"EfficientNet stage {i}: expected 1..5")
         if i == 1:
-            lite = self.variant == "lite0"
-            mean = jnp.asarray((0.5, 0.5, 0.5) if lite else IMAGENET_MEAN, jnp.float32)
-            std = jnp.asarray((0.5, 0.5, 0.5) if lite else IMAGENET_STD, jnp.float32)
+            mean, std = input_normalisation(f"efficientnet_{self.variant}")
+            mean, std = jnp.asarray(mean, jnp.float32), jnp.asarray(std, jnp.float32)
             x = ((x.astype(jnp.float32) - mean) / std).astype(self.dtype)
             x = self.act(norm_or_folded(self.bn0, self.conv_stem(x), train))
         for b in self.arch.taps[i - 1]:

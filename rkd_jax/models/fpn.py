@@ -37,7 +37,7 @@ class FPN(nn.Module):
 
     dim: int = 256
     dtype: jnp.dtype = jnp.float32
-    # Inference-only: smooth_bn folded into the smooth conv's kernel and bias (rkd_jax.fold).
+    # Inference-only: smooth_bn folded into the smooth conv's kernel and bias (rkd_jax.models.fold).
     fold_bn: bool = False
 
     @nn.compact

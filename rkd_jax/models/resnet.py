@@ -23,8 +23,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from rkd_jax.models.layers import IMAGENET_MEAN, IMAGENET_STD, norm_or_folded
+
 BN_EPSILON = 1e-5  # torchvision's BatchNorm2d
 
 BLOCK_KINDS = ("basic", "bottleneck")
@@ -34,18 +34,6 @@ _conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 def _expansion(block: str) -> int:
     return 4 if block == "bottleneck" else 1
-
-
-def norm_or_folded(bn: nn.BatchNorm | None, x: jax.Array, train: bool) -> jax.Array:
-    """BatchNorm, or nothing where it was folded into the preceding conv (`bn` is None)."""
-    if bn is None:
-        if train:
-            raise ValueError(
-                "a BatchNorm-folded model (fold_bn=True) is inference-only: call it with "
-                "train=False, or train the unfolded model"
-            )
-        return x
-    return bn(x, use_running_average=not train)
 
 
 class _Block(nn.Module):
@@ -73,7 +61,7 @@ class _Block(nn.Module):
             dtype=self.dtype,
             param_dtype=jnp.float32,
         )
-        # Folded: the BatchNorm lives in the conv's kernel and bias (rkd_jax.fold).
+        # Folded: the BatchNorm lives in the conv's kernel and bias (rkd_jax.models.fold).
         bn = None if self.fold_bn else bn
         s, p = self.stride, ((1, 1), (1, 1))
         if self.block == "basic":
@@ -116,7 +104,7 @@ class ResNet(nn.Module):
       num_classes: size of the fc head used by `classify`; 0 = no head (backbone only).
       dtype: compute dtype; parameters and BatchNorm statistics stay float32.
       fold_bn: inference-only variant whose convs carry a bias and no BatchNorm follows them
-        (variables from `rkd_jax.fold.fold_batch_norm`).
+        (variables from `rkd_jax.models.fold.fold_batch_norm`).
     """
 
     stage_sizes: Sequence[int]

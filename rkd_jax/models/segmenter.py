@@ -75,7 +75,7 @@ class Segmenter(nn.Module):
     # start from, which a backbone trained from scratch on referring data lacks.
     category_classes: int = 0
     dtype: Any = jnp.float32
-    fold_bn: bool = False  # inference-only, BatchNorm folded into convs (rkd_jax.fold)
+    fold_bn: bool = False  # inference-only, BatchNorm folded into convs (rkd_jax.models.fold)
 
     def setup(self):
         if self.attention_norm not in ATTENTION_NORMS:

@@ -1,4 +1,5 @@
-"""Depthwise convolution and BatchNorm that are fast on XLA's CPU backend.
+"""Layers and constants the backbones share: depthwise convolution and BatchNorm that are fast
+on XLA's CPU backend, the BatchNorm that folding removes, the input normalisation constants.
 
 XLA:CPU runs a grouped convolution with one channel per group (`feature_group_count` = channels)
 through a generic loop: on this project's 2-core machine a 3x3 depthwise conv on a
@@ -23,6 +24,10 @@ padding="SAME" does. On GPU/TPU, and while exporting (`native_depthwise()`), the
 E[x^2] - E[x]^2) whose training-mode statistics and backward pass sum over batch and space with
 the same halving adds: XLA:CPU's reductions made the 49 training-mode BatchNorms of Lite0 cost
 ~245 of a ~295 ms forward (batch 16, 96x96). Its gradient is the textbook one, written out.
+
+Every backbone takes images in [0, 1] and normalises them itself (`input_normalisation`):
+ImageNet's mean/std, or 0.5/0.5 for EfficientNet-Lite0, the constants its checkpoint was
+trained with.
 """
 
 from __future__ import annotations
@@ -37,7 +42,31 @@ import jax.numpy as jnp
 from flax import linen as nn
 from jax import lax
 
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+LITE0_MEAN = (0.5, 0.5, 0.5)
+LITE0_STD = (0.5, 0.5, 0.5)
+
 _state = threading.local()
+
+
+def input_normalisation(backbone: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) per RGB channel that a backbone applies inside the model to [0, 1] pixels."""
+    if backbone == "efficientnet_lite0":
+        return LITE0_MEAN, LITE0_STD
+    return IMAGENET_MEAN, IMAGENET_STD
+
+
+def norm_or_folded(bn: nn.Module | None, x: jax.Array, train: bool) -> jax.Array:
+    """BatchNorm, or nothing where it was folded into the preceding conv (`bn` is None)."""
+    if bn is None:
+        if train:
+            raise ValueError(
+                "a BatchNorm-folded model (fold_bn=True) is inference-only: call it with "
+                "train=False, or train the unfolded model"
+            )
+        return x
+    return bn(x, use_running_average=not train)
 
 
 @contextlib.contextmanager
