@@ -250,18 +250,7 @@ def _train_loop(config, phase: Phase, state, start, data_iter, tables, ckpt, run
     eval_every = max(1, round(config.run.eval_every_epochs * steps_per_epoch))
 
     def validate(step: int) -> dict:
-        variables = {"params": state.params, "batch_stats": state.batch_stats}
-        res = eval_lib.evaluate_split(
-            config,
-            predict_fn,
-            variables,
-            phase.tokenize,
-            config.data.val_split,
-            mesh,
-            original_resolution=False,
-        )
-        m = res["network"]
-        return {"val_mIoU": m["mIoU"], "val_oIoU": m["oIoU"]}
+        return _validate(config, phase, predict_fn, state, mesh)
 
     def save(step: int, metrics: dict | None = None):
         meta = meta_for(config, role, step / steps_per_epoch)
@@ -289,15 +278,7 @@ def _train_loop(config, phase: Phase, state, start, data_iter, tables, ckpt, run
             is_eval = done % eval_every == 0 or done == total
             is_ckpt = done % int(config.run.checkpoint_every_steps) == 0
             if done % int(config.run.log_every_steps) == 0 or is_eval or is_ckpt:
-                scalars = metrics_lib.flush(pending, done - len(pending))
-                now = time.perf_counter()
-                images = (done - last_log) * int(phase.sched.batch_size)
-                scalars.update(
-                    lr=float(phase.schedule(done - 1)),
-                    images_per_s=images / (now - t_last),
-                    step_time_s=(now - t_last) / max(1, done - last_log),
-                    epoch=done / steps_per_epoch,
-                )
+                scalars = _log_scalars(phase, pending, done, last_log, t_last)
                 pending, last_log = [], done
                 bar.set_postfix(loss=f"{scalars['loss']:.4f}", ips=f"{scalars['images_per_s']:.0f}")
                 bar.update(done - bar.n)
@@ -326,6 +307,36 @@ def _train_loop(config, phase: Phase, state, start, data_iter, tables, ckpt, run
             metrics_lib.flush(pending, total - len(pending))
         save(total, validate(total))
     return state
+
+
+def _log_scalars(phase: Phase, pending: list, done: int, last_log: int, t_last: float) -> dict:
+    """The mean metrics of the steps last_log+1..done (`pending`, NaN-checked), the learning
+    rate, the throughput since `t_last` and the epoch."""
+    scalars = metrics_lib.flush(pending, done - len(pending))
+    now = time.perf_counter()
+    images = (done - last_log) * int(phase.sched.batch_size)
+    scalars.update(
+        lr=float(phase.schedule(done - 1)),
+        images_per_s=images / (now - t_last),
+        step_time_s=(now - t_last) / max(1, done - last_log),
+        epoch=done / phase.steps_per_epoch,
+    )
+    return scalars
+
+
+def _validate(config, phase: Phase, predict_fn, state, mesh) -> dict:
+    """Validation mIoU and oIoU of the state's model at the network resolution."""
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    res = eval_lib.evaluate_split(
+        config,
+        predict_fn,
+        variables,
+        phase.tokenize,
+        config.data.val_split,
+        mesh,
+        original_resolution=False,
+    )
+    return {"val_mIoU": res["network"]["mIoU"], "val_oIoU": res["network"]["oIoU"]}
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
