@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.util
 import json
 import os
 import platform as host_platform
@@ -173,10 +172,9 @@ def configure_flags(args) -> list[str]:
 
 
 def load_config(variant: str):
-    spec = importlib.util.spec_from_file_location("distill_config", ROOT / "configs" / "distill.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config(variant)
+    from rkd_jax.config_loader import load_config_file
+
+    return load_config_file(f"{ROOT / 'configs' / 'distill.py'}:{variant}")
 
 
 class CompileCounter:

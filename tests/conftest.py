@@ -28,7 +28,6 @@ from rkd_jax import platform
 
 platform.configure_cpu_flags()
 
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -39,11 +38,10 @@ os.environ["RKD_JAX_CACHE"] = tempfile.mkdtemp(prefix="rkd_jax_test_cache_")
 
 
 def load_config(name: str = "distill", arg: str = "tiny"):
-    """configs/<name>.py:<arg> as main would load it."""
-    spec = importlib.util.spec_from_file_location(f"cfg_{name}", ROOT / "configs" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config(arg)
+    """configs/<name>.py:<arg>, loaded by its file path as main would load it."""
+    from rkd_jax.config_loader import load_config_file
+
+    return load_config_file(f"{ROOT / 'configs' / name}.py:{arg}")
 
 
 def tiny_config(**run_overrides):

@@ -1,26 +1,15 @@
 """Segmenter taps and shapes, fusion masking, configs."""
 
-import importlib.util
-from pathlib import Path
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import load_config
 
 from rkd_jax import pretrained
 from rkd_jax.models import build
 from rkd_jax.models.bert import BertConfig
 from rkd_jax.models.fusion import VLFusion, spatial_coordinates, vl_attention
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_config(name: str, arg: str = ""):
-    spec = importlib.util.spec_from_file_location(f"cfg_{name}", ROOT / "configs" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config(arg)
 
 
 @pytest.mark.parametrize("name", ["distill", "teacher", "student"])
