@@ -72,9 +72,9 @@ def main(argv=None) -> int:
     from PIL import Image
     from skimage import data as skdata
 
-    from rkd_jax import demo, predictor, visualize
+    from rkd_jax import demo, platform, visualize
 
-    predictor.configure_platform()
+    platform.configure_cpu_flags_for_cpu_backend()
     run, out = Path(args.run), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     image, texts = val_example(run)

@@ -39,6 +39,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
 from rkd_jax.config_loader import phase_configs
+from rkd_jax.files import write_text_atomic
 from rkd_jax.models import build
 
 BEST_METRIC = "val_mIoU"
@@ -349,7 +350,7 @@ class LoadedModel(NamedTuple):
 def load_model(
     path: str | Path,
     role: str | None = None,
-    dtype: Any = jnp.float32,
+    dtype: Any = None,
     expected: tuple[Any, str] | None = None,
 ) -> LoadedModel:
     """Restore a checkpoint and rebuild its model, checked against the restored variables: the
@@ -360,7 +361,8 @@ def load_model(
       path: a run directory (its best checkpoint), its checkpoints/ or one checkpoints/<step>.
       role: which model of the checkpoint's config the variables belong to; default its meta
         role.
-      dtype: the rebuilt model's compute dtype.
+      dtype: the rebuilt model's compute dtype; default the run's run.compute_dtype (bfloat16
+        on GPU/TPU under 'auto', float32 on CPU).
       expected: (model config, what) of a reader that knows which model it needs (training's
         teacher): the checkpoint must record `role` and that model config's architecture, and
         errors name it as `what`.
@@ -401,6 +403,8 @@ def load_model(
     )
     if mismatch:
         raise CheckpointError(f"{describes}; variables: {mismatch}")
+    if dtype is None:
+        dtype = build.resolve_dtype(config.run.compute_dtype)
     model = build.build_model(model_config, dtype)
     return LoadedModel(model, variables, config, meta, role, model_config)
 
@@ -517,9 +521,7 @@ def truncate_metrics(path: Path, last_step: int) -> int:
             continue
         kept.append(line if line.endswith("\n") else line + "\n")
     if dropped:
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text("".join(kept))
-        tmp.replace(path)
+        write_text_atomic(path, "".join(kept))
     return dropped
 
 

@@ -14,7 +14,6 @@ Protocol (written into every results file):
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -32,27 +31,45 @@ import numpy as np
 PRECISION_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)
 
 
-def make_predict_fn(model, threshold: float = 0.5) -> Callable:
-    """Jitted (variables, images [B,S,S,3], tokens [B,L], token_mask [B,L]) -> dict.
+def foreground_margin(logits: jax.Array) -> jax.Array:
+    """Logits [B, h, w, 2] -> the foreground margin logit_fg - logit_bg [B, h, w], float32."""
+    logits = logits.astype(jnp.float32)
+    return logits[..., 1] - logits[..., 0]
 
-    `model` is a Segmenter (rkd_jax.models.build.build_model(model_config)). Outputs:
+
+def margin_threshold(threshold: float) -> float:
+    """The margin at which the foreground probability reaches `threshold`: logit(threshold)."""
+    return math.log(threshold / (1.0 - threshold))
+
+
+def predict(model, variables, images, tokens, token_mask) -> dict:
+    """The model's prediction (not jitted; `make_predict_fn` jits it, the export traces it).
+
+    `model` is a Segmenter, images [B,S,S,3] in [0, 1], tokens and token_mask [B,L]. Outputs:
       margin: [B, S/4, S/4] float32 foreground logit margin at stride 4 (for rescoring);
-      prob: [B, S, S] float32 foreground probability at the input resolution;
-      mask: [B, S, S] bool, prob >= threshold.
-    Shapes are fixed by the inputs: pad the last batch rather than change B.
+      prob: [B, S, S] float32 foreground probability at the input resolution.
+    """
+    out = model.apply(variables, images, tokens, token_mask, train=False)
+    margin = foreground_margin(out["logits"])
+    size = (images.shape[0], images.shape[1], images.shape[2])
+    prob = jax.nn.sigmoid(jax.image.resize(margin, size, "bilinear", antialias=False))
+    return {"margin": margin, "prob": prob}
+
+
+def make_predict_fn(model, threshold: float = 0.5) -> Callable:
+    """Jitted (variables, images [B,S,S,3], tokens [B,L], token_mask [B,L]) -> dict: `predict`'s
+    margin and prob, and mask [B, S, S] bool, prob >= threshold.
+
+    `model` is a Segmenter (rkd_jax.models.build.build_model(model_config)). Shapes are fixed by
+    the inputs: pad the last batch rather than change B.
     """
 
     @jax.jit
-    def predict(variables, images, tokens, token_mask):
-        out = model.apply(variables, images, tokens, token_mask, train=False)
-        logits = out["logits"].astype(jnp.float32)
-        margin = logits[..., 1] - logits[..., 0]
-        b, s = images.shape[0], images.shape[1]
-        big = jax.image.resize(margin, (b, s, images.shape[2]), "bilinear", antialias=False)
-        prob = jax.nn.sigmoid(big)
-        return {"margin": margin, "prob": prob, "mask": prob >= threshold}
+    def predict_fn(variables, images, tokens, token_mask):
+        out = predict(model, variables, images, tokens, token_mask)
+        return dict(out, mask=out["prob"] >= threshold)
 
-    return predict
+    return predict_fn
 
 
 @lru_cache(maxsize=256)
@@ -135,7 +152,7 @@ def score_batch(
 ) -> None:
     """Add a batch's valid rows at the network resolution and (if `orig`) the original one;
     `groups` also gets each row's network-resolution IoU under its sentence's group."""
-    cut = math.log(threshold / (1.0 - threshold))
+    cut = margin_threshold(threshold)
     size = batch["mask"].shape[1:3]
     for i in np.nonzero(batch["valid"])[0]:
         iu = intersection_union(resize_margin(margins[i], *size) >= cut, batch["mask"][i])
@@ -241,10 +258,10 @@ def protocol(config, split: str, step: int, counts: dict | None = None) -> dict:
 
 def write_results(path: Path, payload: dict) -> None:
     """Atomic JSON write (a crash never leaves half a results file)."""
+    from rkd_jax.files import write_json_atomic
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True))
-    tmp.replace(path)
+    write_json_atomic(path, payload, indent=2, sort_keys=True)
 
 
 def timestamp() -> str:
@@ -434,7 +451,7 @@ def evaluate_checkpoint(
     Args:
       checkpoint: a run directory (its best checkpoint), its checkpoints/ directory or one
         checkpoints/<step> directory. The model, image size, token limit and threshold come
-        from the checkpoint's saved config (`predictor.load`).
+        from the checkpoint's saved config (`checkpoint.load_model`).
       splits: splits to score; default the (possibly overridden) data.eval_splits.
       settings: flattened config fields (`eval_config`): data settings are applied, model
         settings must equal the checkpoint's.
@@ -446,13 +463,14 @@ def evaluate_checkpoint(
     anything is written.
     """
     from rkd_jax import checkpoint as ckpt_lib
-    from rkd_jax import parallel, predictor
+    from rkd_jax import parallel
     from rkd_jax.data import pipeline, prepare, refer
-    from rkd_jax.data.tokenizer import tokenize
+    from rkd_jax.data.tokenizer import load_tokenizer, tokenize
+    from rkd_jax.pretrained import resolve_text_encoder_dir
 
     path = Path(checkpoint).absolute()
     directory, step = ckpt_lib.find_checkpoint(path)
-    restored = predictor.load(path)
+    restored = ckpt_lib.load_model(path)
     config = eval_config(restored.config, restored.role, restored.model_config, settings)
     splits = list(splits or config.data.eval_splits)
     if not splits:
@@ -469,8 +487,9 @@ def evaluate_checkpoint(
             results_dir = results_dir / f"step{step}"
     if mesh is None:
         mesh = parallel.make_mesh()
-    predict_fn = make_predict_fn(restored.model, restored.threshold)
-    tokenize_fn = partial(tokenize, restored.tokenizer)
+    predict_fn = make_predict_fn(restored.model, float(restored.config.run.threshold))
+    tokenizer = load_tokenizer(resolve_text_encoder_dir(restored.model_config.text_encoder_dir))
+    tokenize_fn = partial(tokenize, tokenizer)
     log = logging.getLogger("rkd_jax")
     payloads = {}
     with parallel.set_mesh(mesh):
@@ -512,7 +531,7 @@ def evaluate_checkpoint(
 
 
 def _main(argv: list[str] | None = None) -> int:
-    from rkd_jax import cli, parallel, predictor
+    from rkd_jax import cli, parallel, platform
 
     p = cli.ArgumentParser(
         prog="python -m rkd_jax.evaluate",
@@ -569,7 +588,7 @@ def _main(argv: list[str] | None = None) -> int:
     }
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)
-    predictor.configure_platform()
+    platform.configure_cpu_flags_for_cpu_backend()
     parallel.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
     results = evaluate_checkpoint(args.checkpoint, args.splits, settings, args.out)
     for split, payload in results.items():

@@ -21,9 +21,7 @@ from rkd_jax import platform
 if __name__ == "__main__":
     platform.reexec_with_hugepage_malloc()
 
-_cpu_flags = (
-    platform.configure_cpu_flags() if os.environ.get("JAX_PLATFORMS", "") in ("", "cpu") else []
-)
+_cpu_flags = platform.configure_cpu_flags_for_cpu_backend()
 
 from pathlib import Path
 

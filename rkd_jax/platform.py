@@ -16,6 +16,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from rkd_jax.files import write_json_atomic
+
 YNN_OFF_FLAG = "--xla_cpu_experimental_ynn_fusion_type="
 
 
@@ -126,15 +128,21 @@ def configure_cpu_flags() -> list[str]:
         known[key] = _flag_accepted(YNN_OFF_FLAG)
         try:
             probe_file.parent.mkdir(parents=True, exist_ok=True)
-            tmp = probe_file.with_suffix(".tmp")
-            tmp.write_text(json.dumps(known))
-            tmp.replace(probe_file)
+            write_json_atomic(probe_file, known)
         except OSError:
             pass
     if not known[key]:
         return []
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + YNN_OFF_FLAG).strip()
     return [YNN_OFF_FLAG]
+
+
+def configure_cpu_flags_for_cpu_backend() -> list[str]:
+    """`configure_cpu_flags` unless JAX_PLATFORMS names another backend (what the commands call
+    first; no effect once JAX has started a backend)."""
+    if os.environ.get("JAX_PLATFORMS", "") in ("", "cpu"):
+        return configure_cpu_flags()
+    return []
 
 
 def package_versions(*names: str) -> dict[str, str]:

@@ -28,9 +28,9 @@ from pathlib import Path
 
 import numpy as np
 
-from rkd_jax import cli
-from rkd_jax import predictor as predictor_lib
+from rkd_jax import cli, platform
 from rkd_jax.demo import DPI
+from rkd_jax.inference import predictor as predictor_lib
 
 STAGES = ("V3", "V4", "V5")
 STRIDES = (8, 16, 32)
@@ -338,7 +338,7 @@ def run(args: argparse.Namespace) -> dict[str, Path]:
 
 def _main(argv: Sequence[str] | None) -> int:
     args = parser().parse_args(argv)
-    predictor_lib.configure_platform()
+    platform.configure_cpu_flags_for_cpu_backend()
     with predictor_lib.cli_warnings():
         run(args)
     return 0

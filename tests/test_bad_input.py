@@ -440,12 +440,13 @@ def test_export_bad_input_and_no_overwrite(tiny_run, tmp_path, capsys):
 
 def test_export_replaces_only_after_the_parity_check(tiny_run, tmp_path, capsys, monkeypatch):
     from rkd_jax import export
+    from rkd_jax.export import sidecar
 
     out = tmp_path / "student.jax"
     out.write_bytes(b"previous")
     argv = ["--checkpoint", str(tiny_run), "--format", "jax", "--out", str(out), "--overwrite"]
     with monkeypatch.context() as m:
-        m.setattr(export, "PARITY_MAX_PROB_DIFF", -1.0)  # no artifact can pass
+        m.setattr(sidecar, "PARITY_MAX_PROB_DIFF", -1.0)  # no artifact can pass
         refuses(export.main, argv, capsys, [tmp_path], "fails the parity check")
     assert out.read_bytes() == b"previous"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["student.jax"]  # no temporary left
@@ -462,7 +463,7 @@ def test_export_replaces_only_after_the_parity_check(tiny_run, tmp_path, capsys,
 def cached_models(monkeypatch):
     from test_predictor import cached_predictor
 
-    from rkd_jax import predictor as predictor_lib
+    from rkd_jax.inference import predictor as predictor_lib
 
     monkeypatch.setattr(
         predictor_lib, "load", lambda path, **kwargs: cached_predictor(str(Path(path)))

@@ -13,7 +13,7 @@ from PIL import Image
 from test_predictor import cached_predictor, earliest_checkpoint, scored_sentences
 
 from rkd_jax import demo, visualize
-from rkd_jax import predictor as predictor_lib
+from rkd_jax.inference import predictor as predictor_lib
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 

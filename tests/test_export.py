@@ -20,6 +20,7 @@ import pytest
 
 from rkd_jax import evaluate as eval_lib
 from rkd_jax import export
+from rkd_jax.export import onnx as onnx_lib
 
 pytest.importorskip("onnxruntime", reason="the export extra (onnxruntime) is not installed")
 pytest.importorskip("jax2onnx", reason="the export extra (jax2onnx) is not installed")
@@ -240,7 +241,7 @@ def test_nhwc_max_pool_replay_matches_lax():
         )
 
     closed = jax.make_jaxpr(pool)(x)
-    replayed = export._replay(closed.jaxpr, closed.consts, [x])[0]
+    replayed = onnx_lib._replay(closed.jaxpr, closed.consts, [x])[0]
     np.testing.assert_array_equal(np.asarray(replayed), np.asarray(pool(x)))
 
 

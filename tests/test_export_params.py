@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 from test_bad_input import refuses
 
-from rkd_jax import export, export_params, predictor
+from rkd_jax import export
+from rkd_jax.export import params as export_params
+from rkd_jax.inference import predictor
 
 LATENCY_CALLS = 3
 

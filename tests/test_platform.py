@@ -88,7 +88,7 @@ def test_importing_library_modules_starts_no_process():
         "def boom(*a, **k):\n"
         "    raise AssertionError('a subprocess was started at import')\n"
         "subprocess.Popen = boom\n"
-        "import rkd_jax.report, rkd_jax.train, rkd_jax.evaluate, rkd_jax.predictor\n"
+        "import rkd_jax.report, rkd_jax.train, rkd_jax.evaluate, rkd_jax.inference.predictor\n"
         "import rkd_jax.export, rkd_jax.table, rkd_jax.sweep, rkd_jax.data.pipeline\n"
         "print('ok')\n"
     )

@@ -14,9 +14,9 @@ from conftest import ROOT, tiny_config
 
 import rkd_jax
 from rkd_jax import evaluate
-from rkd_jax import predictor as predictor_lib
 from rkd_jax.checkpoint import CheckpointError
-from rkd_jax.predictor import ExpressionTruncatedWarning, InputError
+from rkd_jax.inference import predictor as predictor_lib
+from rkd_jax.inference.predictor import ExpressionTruncatedWarning, InputError
 
 # pycocotools decoding the reference masks (numpy 2 deprecation, not ours).
 REAL_LOAD = predictor_lib.load  # before any test replaces it

@@ -31,8 +31,9 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from rkd_jax import export as export_lib
-from rkd_jax.export import ExportError
+from rkd_jax.export import sidecar as sidecar_lib
+from rkd_jax.export.common import ExportError
+from rkd_jax.files import temporary_path
 from rkd_jax.models.bert import MINILM_PACKAGE
 
 FILE_FORMAT = "rkd_jax.params/1"
@@ -162,15 +163,15 @@ def export_params(
     import jax.numpy as jnp
     from safetensors.numpy import save
 
-    from rkd_jax import predictor
     from rkd_jax.evaluate import make_predict_fn
+    from rkd_jax.inference import predictor
 
     out = Path(out)
     if batch is not None:
         raise ExportError("--batch: a params file has no batch size; leave --batch out")
     if out.is_dir():
         raise ExportError(f"--out {out}: is a directory; expected a file like student.safetensors")
-    targets = [out, export_lib.sidecar_path(out), card_path(out)]
+    targets = [out, sidecar_lib.sidecar_path(out), card_path(out)]
     existing = [str(t) for t in targets if t.exists()]
     if existing and not overwrite:
         raise ExportError(
@@ -187,8 +188,8 @@ def export_params(
             f"{restored.role!r}); export the student: pass the distillation or student run "
             "directory (not its teacher/ subdirectory), or add --allow-teacher to export it anyway"
         )
-    tokenize, tok, text_dir = export_lib.tokenizer_for(meta["model"])
-    vocab = export_lib.vocab_text(tok, text_dir)
+    tokenize, tok, text_dir = sidecar_lib.tokenizer_for(meta["model"])
+    vocab = sidecar_lib.vocab_text(tok, text_dir)
     vocab_file = out.parent / "vocab.txt"
     if vocab_file.exists() and not overwrite and vocab_file.read_bytes() != vocab:
         raise ExportError(
@@ -211,7 +212,7 @@ def export_params(
     header = {"format": FILE_FORMAT} | {k: json.dumps(v) for k, v in description.items()}
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = export_lib._temporary(out)
+    tmp = temporary_path(out)
     try:
         tmp.write_bytes(save(flat, metadata=header))
         differs = _same(flatten_variables(load_variables(tmp)), flat)
@@ -222,24 +223,24 @@ def export_params(
             )
         # The reloaded weights through the evaluation's predict function, on a real photo.
         predict = make_predict_fn(model, restored.threshold)
-        photo = export_lib.photo_inputs(size, tokenize, max_tokens)
+        photo = sidecar_lib.photo_inputs(size, tokenize, max_tokens)
         ref = predict(restored.variables, *photo)
         got = predict(jax.tree.map(jnp.asarray, load_variables(tmp)), *photo)
         parity = {
-            "inputs": f"skimage chelsea + {export_lib.PARITY_SENTENCE!r}",
+            "inputs": f"skimage chelsea + {sidecar_lib.PARITY_SENTENCE!r}",
             "max_abs_prob_diff": float(np.max(np.abs(got["prob"] - ref["prob"]))),
             "max_abs_margin_diff": float(np.max(np.abs(got["margin"] - ref["margin"]))),
-            "mask_iou": export_lib.margin_iou(got["margin"], ref["margin"]),
+            "mask_iou": sidecar_lib.margin_iou(got["margin"], ref["margin"]),
             "round_trip": "exact (every tensor equal in dtype, shape and value)",
         }
-        export_lib.check_parity(parity, out)
+        sidecar_lib.check_parity(parity, out)
 
         measured = measure(model, variables, size, max_tokens, latency_iters)
         log(
             f"{flat_count(flat, 'params') / 1e6:.3f} M parameters, {measured['gflops']:.3f} "
             f"GFLOPs/image, CPU batch 1 median {measured['latency_ms_median']:.2f} ms"
         )
-        info = export_lib.sidecar("params", out, meta, config, tok, None)
+        info = sidecar_lib.sidecar("params", out, meta, config, tok, None)
         info.update(
             batch="any",
             outputs=[
@@ -273,19 +274,19 @@ def export_params(
         write_all(
             {
                 out: tmp,
-                export_lib.sidecar_path(out): _json_bytes(info),
+                sidecar_lib.sidecar_path(out): _json_bytes(info),
                 vocab_file: vocab,
                 card_path(out): card.encode(),
             }
         )
     finally:
         tmp.unlink(missing_ok=True)
-    log(f"exported {out} (params), {export_lib.sidecar_path(out).name}, {card_path(out).name}")
+    log(f"exported {out} (params), {sidecar_lib.sidecar_path(out).name}, {card_path(out).name}")
     return info
 
 
 def _json_bytes(payload: dict) -> bytes:
-    return json.dumps(payload, indent=2, default=export_lib._json_default).encode()
+    return json.dumps(payload, indent=2, default=sidecar_lib.json_default).encode()
 
 
 def write_all(files: dict[Path, Path | bytes]) -> None:
@@ -298,7 +299,7 @@ def write_all(files: dict[Path, Path | bytes]) -> None:
             if isinstance(content, Path):
                 temporaries[target] = content
                 continue
-            tmp = export_lib._temporary(target)
+            tmp = temporary_path(target)
             tmp.write_bytes(content)
             temporaries[target] = tmp
         for target, tmp in temporaries.items():
@@ -505,7 +506,7 @@ def _card_head(out: Path, restored, info: dict) -> str:
         "variable tree; the Segmenter's arguments are in its metadata."
     )
     sidecar = (
-        f"- `{export_lib.sidecar_path(out).name}`: image size, token limit, threshold, the "
+        f"- `{sidecar_lib.sidecar_path(out).name}`: image size, token limit, threshold, the "
         "tokenisation recipe, the Segmenter's arguments and the text encoder's shape."
     )
     files = [weights, sidecar, "- `vocab.txt`: the text encoder's WordPiece vocabulary."]
@@ -697,8 +698,8 @@ def _card_load(out: Path) -> str:
     return (
         "## Load it in plain JAX/Flax\n\nNeeds safetensors, flax, tokenizers and rkd_jax's "
         "model modules (`rkd_jax.models`), none of its loading helpers "
-        "(`rkd_jax.export_params.load_model(file)` does the same in one call):\n\n```python\n"
-        + load_snippet(out.name, export_lib.sidecar_path(out).name)
+        "(`rkd_jax.export.params.load_model(file)` does the same in one call):\n\n```python\n"
+        + load_snippet(out.name, sidecar_lib.sidecar_path(out).name)
         + "\n```"
     )
 

@@ -330,10 +330,10 @@ class Predictor:
           bool [H, W] when given one image and one string, else a list of bool [H_i, W_i] in
           the order of the expressions; with `return_probs`, a pair (masks, probs) shaped alike.
         """
-        from rkd_jax.evaluate import resize_margin
+        from rkd_jax.evaluate import margin_threshold, resize_margin
 
         single = self._pairs(images, expressions)[3]
-        cut = math.log(self.threshold / (1.0 - self.threshold))
+        cut = margin_threshold(self.threshold)
         masks, probs = [], []
         for margin, (h, w) in self.margins(images, expressions):
             big = resize_margin(margin, h, w)
@@ -384,13 +384,14 @@ def _jitted_taps(model):
     import jax
     import jax.numpy as jnp
 
+    from rkd_jax.evaluate import foreground_margin
+
     def taps(variables, images, tokens, token_mask):
         out = model.apply(variables, images, tokens, token_mask, train=False)
-        logits = out["logits"].astype(jnp.float32)
         return {
             "vl_attention": [a.astype(jnp.float32) for a in out["vl_attention"]],
             "decoder": out["decoder"].astype(jnp.float32),
-            "margin": logits[..., 1] - logits[..., 0],
+            "margin": foreground_margin(out["logits"]),
         }
 
     return jax.jit(taps)
@@ -437,15 +438,6 @@ def one_line(message: Any) -> str:
     from rkd_jax import cli
 
     return cli.one_line(message)
-
-
-def configure_platform() -> None:
-    """The CPU convolution flag of `rkd_jax.platform`, as `rkd_jax.main` sets it (no effect
-    once JAX has started a backend)."""
-    if os.environ.get("JAX_PLATFORMS", "") in ("", "cpu"):
-        from rkd_jax import platform
-
-        platform.configure_cpu_flags()
 
 
 @contextlib.contextmanager
