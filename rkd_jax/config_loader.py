@@ -86,3 +86,36 @@ def phase_configs(config, role: str):
     if role == "teacher":
         return config.teacher, config.teacher_train
     return config.student, config.train
+
+
+def last_override_wins(argv: list[str]) -> list[str]:
+    """`argv` with only the last `--config.FIELD` override of each field.
+
+    ml_collections parses a tuple field's override as a multi-valued flag: given twice
+    (`--config.train.lr_decay_epochs=(1,)` from a script, then `=(16,)` from its caller), the
+    field becomes the concatenation (1, 16) instead of (16,). Every other field takes the last
+    value; so does a tuple field here. Both `--config.F=V` and `--config.F V` count; nothing
+    after a bare `--` is touched.
+    """
+    items: list[tuple[str | None, list[str]]] = []  # (field or None, its tokens)
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--":
+            items.append((None, argv[i:]))
+            break
+        if arg.startswith("--config.") and "=" in arg:
+            items.append((arg.split("=", 1)[0], [arg]))
+        elif arg.startswith("--config.") and i + 1 < len(argv):
+            items.append((arg, argv[i : i + 2]))
+            i += 1
+        else:
+            items.append((None, [arg]))
+        i += 1
+    last = {field: k for k, (field, _) in enumerate(items) if field is not None}
+    return [
+        token
+        for k, (field, tokens) in enumerate(items)
+        if field is None or last[field] == k
+        for token in tokens
+    ]

@@ -30,6 +30,10 @@ from ml_collections import config_flags
 
 from rkd_jax import cli, config_loader
 
+if __name__ == "__main__":
+    # Before the config flag is defined (which applies sys.argv's overrides to the default).
+    sys.argv[1:] = config_loader.last_override_wins(sys.argv[1:])
+
 
 def _without_traceback(message: str) -> str:
     """absl quotes a failing config file's whole traceback: keep the words and the last line."""
@@ -153,7 +157,7 @@ def parse_flags(argv: list[str]) -> list[str]:
     """absl's flag parsing with the error contract: a bad flag, an unknown --config.field or a
     config file that does not load is one `error:` line and exit code 2 (absl prints usage)."""
     try:
-        rest = FLAGS(argv)
+        rest = FLAGS(argv[:1] + config_loader.last_override_wins(argv[1:]))
         FLAGS.config  # noqa: B018 (loads the config file now, before any import or work)
         return rest
     except flags.Error as e:

@@ -165,3 +165,46 @@ def test_the_wheel_runs_a_named_config_outside_the_checkout(tmp_path):
     assert res.stderr.strip().splitlines()[-1].startswith("error: --config.nope: the config")
     res = _main("--config=distil", cwd=outside, env_extra=env)
     assert "valid names: distill, student, teacher" in res.stderr, res.stderr[-3000:]
+
+
+def test_a_repeated_override_keeps_the_last_value(monkeypatch):
+    """ml_collections concatenates a tuple field given twice ((1,) then (16,) -> (1, 16): a
+    launch.sh default followed by its caller's override decayed the lr at both epochs);
+    rkd_jax.main keeps only the last override of each field, as for every other type."""
+    argv = [
+        "prog",
+        "--config=configs/distill.py:tiny",
+        "--config.train.lr_decay_epochs=(1,)",
+        "--config.train.epochs",
+        "3",
+        "--config.train.lr_decay_epochs=(16,)",
+        "--config.train.epochs=5",
+        "--workdir=x",
+    ]
+
+    monkeypatch.chdir(ROOT)
+
+    def parsed(args):
+        values = flags.FlagValues()
+        config_flags.DEFINE_config_file("config", None, flag_values=values, sys_argv=args)
+        values(args, known_only=True)
+        return values.config
+
+    raw = parsed(argv)
+    assert tuple(raw.train.lr_decay_epochs) == (1, 16)  # the library's behaviour: the trap
+    kept = config_loader.last_override_wins(argv[1:])
+    assert kept == [
+        "--config=configs/distill.py:tiny",
+        "--config.train.lr_decay_epochs=(16,)",
+        "--config.train.epochs=5",
+        "--workdir=x",
+    ]
+    fixed = parsed(argv[:1] + kept)
+    assert tuple(fixed.train.lr_decay_epochs) == (16,) and fixed.train.epochs == 5
+    # Nothing after "--" is touched; an override without a value is left to the parser.
+    assert config_loader.last_override_wins(["--config.a=1", "--", "--config.a=2"]) == [
+        "--config.a=1",
+        "--",
+        "--config.a=2",
+    ]
+    assert config_loader.last_override_wins(["--config.a"]) == ["--config.a"]
