@@ -237,6 +237,8 @@ def test_launch_rejects_bad_options(tmp_path):
     assert r.returncode == 2 and "--paper needs --refer-root" in r.stderr
     r = launch("--seeds", "0")
     assert r.returncode == 2 and "positive integer" in r.stderr
+    r = launch("--sweep-rows", "distill bogus")
+    assert r.returncode == 2 and "--sweep-rows: unknown row bogus (valid: distill" in r.stderr
     assert not (tmp_path / "r").exists()  # nothing written before the error
 
 
