@@ -155,8 +155,8 @@ case "$SETTING" in
     # under a point per epoch after epoch 10 at lr 1e-3; so the one teacher per dataset trains
     # 24 epochs (x0.1 at 16: the teacher of refcoco, seed 0, gained 0.5 over epochs 19-24) and
     # every student row 12 (x0.1 at 8, the same two thirds: with the decay at 9 a distilled
-    # student still gained 3 points over epochs 10-12); the report's plateau test checks each row. Only teacher runs read
-    # config.teacher_train.
+    # student still gained 3 points over epochs 10-12); the report's plateau test checks each
+    # row. Only teacher runs read config.teacher_train.
     COMMON=(--config.run.cache_teacher_targets=True --config.data.synthetic_num_images=1600
             --config.teacher_train.epochs=24 "--config.teacher_train.lr_decay_epochs=(16,)"
             --config.train.epochs=12 "--config.train.lr_decay_epochs=(8,)")
