@@ -329,9 +329,12 @@ archive_run() {
   rel=${dir#"$ROOT"/}
   dest=$ARCHIVE/$rel
   mkdir -p "$dest/results"
-  for f in config.json metrics.jsonl; do
-    [[ -f $dir/$f ]] && cp "$dir/$f" "$dest/$f.tmp" && mv "$dest/$f.tmp" "$dest/$f"
-  done
+  # The archive is committed: the run's config names paths under the root as <root>/...
+  [[ -f $dir/config.json ]] &&
+    "$PY" -c 'import sys; s = open(sys.argv[1]).read(); open(sys.argv[2], "w").write(s.replace(sys.argv[3] + "/", "<root>/"))' \
+      "$dir/config.json" "$dest/config.json.tmp" "$ROOT" && mv "$dest/config.json.tmp" "$dest/config.json"
+  [[ -f $dir/metrics.jsonl ]] && cp "$dir/metrics.jsonl" "$dest/metrics.jsonl.tmp" &&
+    mv "$dest/metrics.jsonl.tmp" "$dest/metrics.jsonl"
   for f in "$dir"/results/*.json; do
     [[ -f $f ]] && cp "$f" "$dest/results/.tmp" && mv "$dest/results/.tmp" "$dest/results/$(basename "$f")"
   done

@@ -377,6 +377,10 @@ def test_launch_tiny_runs_every_stage_then_skips_them(tmp_path):
     ).read_bytes()
     assert (archived / "metrics.jsonl").is_file() and (archived / "config.json").is_file()
     assert not (archived / "checkpoints").exists()
+    # Committed files name no machine path: paths under the root read <root>/...
+    text = (archived / "config.json").read_text()
+    assert str(root) not in text
+    assert json.loads(text)["teacher_checkpoint"] == "<root>/refcoco/teacher"
 
     for where in (root, out / "runs"):
         (where / "refcoco/seed0/cwd/results/refcoco_val.json").unlink()
