@@ -157,7 +157,7 @@ def parse_flags(argv: list[str]) -> list[str]:
     """absl's flag parsing with the error contract: a bad flag, an unknown --config.field or a
     config file that does not load is one `error:` line and exit code 2 (absl prints usage)."""
     try:
-        rest = FLAGS(argv[:1] + config_loader.last_override_wins(argv[1:]))
+        rest = FLAGS(argv)  # sys.argv, its overrides already made unique at import
         FLAGS.config  # noqa: B018 (loads the config file now, before any import or work)
         return rest
     except flags.Error as e:
