@@ -157,7 +157,9 @@ case "$SETTING" in
     # every student row 12 (x0.1 at 8, the same two thirds: with the decay at 9 a distilled
     # student still gained 3 points over epochs 10-12); the report's plateau test checks each
     # row. Only teacher runs read config.teacher_train.
+    # The table trains its student-alone rows itself (config.student_alone off).
     COMMON=(--config.run.cache_teacher_targets=True --config.data.synthetic_num_images=1600
+            --config.student_alone=False
             --config.teacher_train.epochs=24 "--config.teacher_train.lr_decay_epochs=(16,)"
             --config.train.epochs=12 "--config.train.lr_decay_epochs=(8,)")
     ;;

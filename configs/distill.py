@@ -70,6 +70,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.mode = "distill"  # what main trains: teacher | student | distill
     c.seed = 0  # parameter init and data order
     c.teacher_checkpoint = ""  # trained teacher (run dir or checkpoint dir); "" = train it first
+    # distill: also train the same student without the teacher (same seed and schedule) in
+    # <workdir>/student_alone and write results/comparison.{md,json}: teacher, student alone and
+    # distilled student on every eval split, so the job shows what distillation did.
+    c.student_alone = True
 
     c.data = ml_collections.ConfigDict()
     c.data.root = ""  # REFER root (instances.json, refs(*).p, images/...); "" = embedded data
@@ -177,6 +181,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         c.run.eval_batch_size = 16
         c.run.max_eval_examples = 32
         c.run.cache_teacher_targets = False
+        c.student_alone = False
     elif variant == "lite0":
         c.student = model_config(
             backbone="efficientnet_lite0",
@@ -198,6 +203,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         c.teacher_train = train_config(**paper)
         c.train = train_config(**paper)
         c.distill.seg_loss = "ce"  # the paper's L_seg
+        c.student_alone = False  # launch.sh --paper trains the student-alone rows itself
         c.run.cache_text_features = False
         c.run.cache_teacher_targets = False
         c.run.log_every_steps = 100

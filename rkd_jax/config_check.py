@@ -214,6 +214,8 @@ def validate_config(config) -> None:
         _check_schedule(get, "train")
     _check_distill(get)
     _check_run(get)
+    if mode == "distill" and not isinstance(get("student_alone"), bool):
+        raise UserError(f"config.student_alone={get('student_alone')!r}: expected True or False")
     if mode == "distill" and teacher_checkpoint:
         from rkd_jax import checkpoint as ckpt_lib
 

@@ -365,4 +365,49 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                 run_phase(config, workdir / "teacher", "teacher", mesh)
                 teacher_vars = load_teacher(config, str(workdir / "teacher"), mesh)
         run_phase(config, workdir, "student", mesh, teacher_vars)
-        return eval_lib.evaluate_run(config, workdir, splits, mesh)
+        results = eval_lib.evaluate_run(config, workdir, splits, mesh)
+        if config.mode == "distill" and config.get("student_alone", False):
+            compare_with_student_alone(config, workdir, results, mesh)
+        return results
+
+
+def compare_with_student_alone(config, workdir: Path, distilled: dict, mesh) -> dict:
+    """config.student_alone: train the same student without the teacher (same seed, data order
+    and schedule) in <workdir>/student_alone, score the teacher and it on the same splits and
+    write results/comparison.{json,md} (rkd_jax.comparison); logs the table."""
+    from rkd_jax import comparison
+
+    splits = config.data.eval_splits
+    alone_dir = workdir / "student_alone"
+    alone_config = ml_collections.ConfigDict(config.to_dict())
+    alone_config.mode = "student"
+    alone_config.student_alone = False
+    alone_dir.mkdir(parents=True, exist_ok=True)
+    if jax.process_index() == 0:
+        (alone_dir / "config.json").write_text(
+            json.dumps(alone_config.to_dict(), indent=2, default=list)
+        )
+    log.info("config.student_alone: training the same student without the teacher in %s", alone_dir)
+    run_phase(alone_config, alone_dir, "student", mesh)
+    results = {
+        "distilled": distilled,
+        "student_alone": eval_lib.evaluate_run(alone_config, alone_dir, splits, mesh),
+    }
+    if config.teacher_checkpoint:
+        teacher_run = str(config.teacher_checkpoint)
+        payloads = eval_lib.evaluate_checkpoint(
+            teacher_run,
+            splits,
+            eval_lib.data_settings(config),
+            out=workdir / "results" / "teacher.json",
+            mesh=mesh,
+        )
+        results["teacher"] = {split: p["metrics"] for split, p in payloads.items()}
+    else:
+        teacher_run = "teacher"
+        results["teacher"] = eval_lib.evaluate_run(config, workdir / "teacher", splits, mesh)
+    runs = {"teacher": teacher_run, "student_alone": "student_alone", "distilled": "."}
+    if jax.process_index() == 0:
+        text = comparison.write(workdir, config.data.dataset, results, runs)
+        log.info("what distillation did (%s):\n%s", workdir / "results" / "comparison.md", text)
+    return results
