@@ -402,6 +402,25 @@ ensure_teacher() {
   run_main teacher "$1/teacher" "$ROOT/logs/${1}_teacher.log" "${ARGS[@]}" --workdir="$tdir"
 }
 
+# reuse_sweep_run RUN DATASET DIR: seed 0 of a swept row trains exactly the sweep's run of the
+# chosen factor (same config, seed and weights; measured to reproduce it to the last digit), so
+# its checkpoints start DIR: main then finds the schedule done and only scores every split.
+reuse_sweep_run() {
+  local factor src
+  [[ " ${SWEEP_ROWS[*]} " == *" $1 "* && -f $OUT/sweep.json && ! -d $3/checkpoints ]] || return 0
+  factor=$("$PY" -c 'import json, sys
+d = json.load(open(sys.argv[1]))["datasets"].get(sys.argv[2], {}).get(sys.argv[3], {})
+print(f"{d[\"chosen_factor\"]:g}" if "chosen_factor" in d else "")' "$OUT/sweep.json" "$2" "$1") ||
+    die "reading the sweep's choice for $2 $1 from $OUT/sweep.json failed"
+  src="$ROOT/$2/sweep/${1}_x$factor"
+  [[ -n $factor ]] && has_checkpoint "$src" || return 0
+  echo "seed 0 of $2 $1 is the sweep's run ${1}_x$factor: its checkpoints are reused ($src)"
+  mkdir -p "$3"
+  cp -a "$src/checkpoints" "$3/checkpoints"
+  [[ -f $src/metrics.jsonl ]] && cp "$src/metrics.jsonl" "$3/metrics.jsonl"
+  return 0
+}
+
 # run_dir RUN DATASET SEED -> DIR, NAME. The teacher is one run per dataset (seed 0), shared by
 # every seed's students, as the paper distils one teacher: <root>/<dataset>/teacher.
 run_dir() {
@@ -436,6 +455,7 @@ train_stage() {
           args_for "$run" "$ds" "$k" chosen
           ARGS+=(--config.teacher_checkpoint="$tdir")
         fi
+        ((k == 0)) && reuse_sweep_run "$run" "$ds" "$dir"
         echo "run $stage $name (log: $ROOT/logs/${name//\//_}.log)"
         run_main "$stage" "$name" "$ROOT/logs/${name//\//_}.log" "${ARGS[@]}" --workdir="$dir"
         touch "$dir/.trained"

@@ -161,7 +161,7 @@ def test_table_means_stds_and_missing_seeds(fake_root, tmp_path):
     assert hp[0] == "distill" and hp[2] == "7" and "0.5 L_VL + 0.5 L_C" in hp[5]
     assert "differs between its runs: train.lr (0.001, 0.002)" in md
     assert (
-        "resnet18 width 16 blocks [1, 1, 1, 1]"
+        "resnet18 width 12 blocks [1, 1, 1, 1]"
         in _row(md, "student (no distillation)", "Hyper-parameters")[1]
     )
     rep = _row(md, "teacher resnet18 + BERT-6", "Model report")
