@@ -410,7 +410,7 @@ reuse_sweep_run() {
   [[ " ${SWEEP_ROWS[*]} " == *" $1 "* && -f $OUT/sweep.json && ! -d $3/checkpoints ]] || return 0
   factor=$("$PY" -c 'import json, sys
 d = json.load(open(sys.argv[1]))["datasets"].get(sys.argv[2], {}).get(sys.argv[3], {})
-print(f"{d[\"chosen_factor\"]:g}" if "chosen_factor" in d else "")' "$OUT/sweep.json" "$2" "$1") ||
+print(format(d["chosen_factor"], "g") if "chosen_factor" in d else "")' "$OUT/sweep.json" "$2" "$1") ||
     die "reading the sweep's choice for $2 $1 from $OUT/sweep.json failed"
   src="$ROOT/$2/sweep/${1}_x$factor"
   [[ -n $factor ]] && has_checkpoint "$src" || return 0

@@ -301,8 +301,10 @@ def _train_loop(config, phase: Phase, state, start, data_iter, tables, ckpt, run
     finally:
         bar.close()
         writer.close()
-    if ckpt.latest_step() != total and total > 0:
-        # max_steps may stop off the eval grid: keep the final state too.
+    latest = ckpt.latest_step()
+    if total > 0 and (latest is None or latest < total):
+        # max_steps may stop off the eval grid: keep the final state too. (A run resumed with a
+        # shorter schedule than its checkpoints' trains nothing and saves nothing.)
         if pending:
             metrics_lib.flush(pending, total - len(pending))
         save(total, validate(total))
