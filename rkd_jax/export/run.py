@@ -68,12 +68,7 @@ def export(
     passed (PARITY_MAX_PROB_DIFF, PARITY_MIN_MASK_IOU), so a failed export leaves the previous
     files as they were.
     """
-    if fmt not in FORMATS:
-        raise ExportError(f"--format {fmt!r}; expected one of {', '.join(FORMATS)}")
-    if quantize not in (None, "int8"):
-        raise ExportError(f"--quantize {quantize!r}; expected int8")
-    if quantize and fmt != "onnx":
-        raise ExportError("--quantize int8 needs --format onnx (onnxruntime quantisation)")
+    _check_request(fmt, quantize)
     if fmt == "params":  # the weights themselves, with their config and a model card
         from rkd_jax.export import params
 
@@ -81,25 +76,13 @@ def export(
             checkpoint, out, batch, allow_teacher, overwrite, latency_iters, log
         )
     out = Path(out)
-    if out.is_dir():
-        raise ExportError(f"--out {out}: is a directory; expected a file name like student.{fmt}")
-    targets = [out, sidecar_path(out)]
-    if quantize == "int8":
-        targets += [int8_path(out), sidecar_path(int8_path(out))]
-    existing = [str(t) for t in targets if t.exists()]
-    if existing and not overwrite:
-        raise ExportError(
-            f"--out {out}: {', '.join(existing)} already exist(s); pass --overwrite to replace "
-            "them, or choose another --out (nothing was written)"
-        )
+    _check_targets(out, fmt, quantize, overwrite)
     if fmt == "onnx":
         require("jax2onnx")
         require("onnxruntime")
 
     model, variables, meta, config = load_student(checkpoint, allow_teacher)
     size, max_tokens = int(meta["image_size"]), int(meta["max_tokens"])
-    serve = make_serving_fn(model, variables)
-    specs = input_specs(size, max_tokens, batch)
     tokenize, tok, text_dir = tokenizer_for(meta["model"])
     vocab = vocab_text(tok, text_dir)
     vocab_file = out.parent / "vocab.txt"
@@ -120,9 +103,80 @@ def export(
 
     predict = make_predict_fn(model, float(config.run.threshold))
     ref = predict(variables, *photo)
-    ref_prob, ref_margin = np.asarray(ref["prob"]), np.asarray(ref["margin"])
+    reference = (np.asarray(ref["prob"]), np.asarray(ref["margin"]))
 
     t0 = time.perf_counter()
+    serve = make_serving_fn(model, variables)
+    specs = input_specs(size, max_tokens, batch)
+    parity = _write_checked_artifact(
+        fmt, out, serve, specs, photo, reference, opset, platforms, threads
+    )
+    log(f"exported {out} ({fmt}) in {time.perf_counter() - t0:.1f}s")
+
+    info = sidecar(fmt, out, meta, config, tok, batch)
+    info["parity_at_export"] = parity
+    info.update(_format_info(fmt, opset, platforms))
+    write_bytes_atomic(vocab_file, vocab)
+    write_json(sidecar_path(out), info)
+
+    if quantize == "int8":
+        info["int8"] = _write_int8(
+            out,
+            meta,
+            config,
+            tok,
+            tokenize,
+            lambda i, t, m: predict(variables, i, t, m)["margin"],
+            photo,
+            reference,
+            batch,
+            calibration_examples=calibration_examples,
+            calibration_method=calibration_method,
+            quant_op_types=quant_op_types,
+            exclude_nodes=exclude_nodes,
+            float_text_encoder=float_text_encoder,
+            eval_split=eval_split,
+            max_eval_examples=max_eval_examples,
+            latency_iters=latency_iters,
+            threads=threads,
+            log=log,
+        )
+        write_json(sidecar_path(out), info)
+    return info
+
+
+def _check_request(fmt: str, quantize: str | None) -> None:
+    if fmt not in FORMATS:
+        raise ExportError(f"--format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    if quantize not in (None, "int8"):
+        raise ExportError(f"--quantize {quantize!r}; expected int8")
+    if quantize and fmt != "onnx":
+        raise ExportError("--quantize int8 needs --format onnx (onnxruntime quantisation)")
+
+
+def _check_targets(out: Path, fmt: str, quantize: str | None, overwrite: bool) -> None:
+    """ExportError, before any work, when `out` is a directory or a file the export would write
+    exists (unless `overwrite`)."""
+    if out.is_dir():
+        raise ExportError(f"--out {out}: is a directory; expected a file name like student.{fmt}")
+    targets = [out, sidecar_path(out)]
+    if quantize == "int8":
+        targets += [int8_path(out), sidecar_path(int8_path(out))]
+    existing = [str(t) for t in targets if t.exists()]
+    if existing and not overwrite:
+        raise ExportError(
+            f"--out {out}: {', '.join(existing)} already exist(s); pass --overwrite to replace "
+            "them, or choose another --out (nothing was written)"
+        )
+
+
+def _write_checked_artifact(
+    fmt, out: Path, serve, specs, photo, reference, opset, platforms, threads
+) -> dict:
+    """Trace `serve` to a jax.export or ONNX file under a temporary name, run it on the photo,
+    and rename it to `out` only when its parity with the Flax reference passes; returns the
+    parity report."""
+    ref_prob, ref_margin = reference
     tmp = temporary_path(out)
     try:
         if fmt == "jax":
@@ -141,72 +195,96 @@ def export(
         tmp.replace(out)
     finally:
         tmp.unlink(missing_ok=True)
-    seconds = time.perf_counter() - t0
-    log(f"exported {out} ({fmt}) in {seconds:.1f}s")
+    return parity
 
-    info = sidecar(fmt, out, meta, config, tok, batch)
-    info["parity_at_export"] = parity
+
+def _format_info(fmt: str, opset: int, platforms: tuple[str, ...]) -> dict:
+    """The sidecar's format-specific part: how to load a jax.export file, or the ONNX opset and
+    the exporter's and runtime's versions."""
     if fmt == "jax":
-        info["jax"] = {
-            "platforms": list(platforms),
-            "load": "exp = jax.export.deserialize(bytearray(open(file, 'rb').read())); "
-            "prob, margin = exp.call(image, tokens, token_mask)",
+        return {
+            "jax": {
+                "platforms": list(platforms),
+                "load": "exp = jax.export.deserialize(bytearray(open(file, 'rb').read())); "
+                "prob, margin = exp.call(image, tokens, token_mask)",
+            }
         }
-    else:
-        import onnxruntime as ort
+    import onnxruntime as ort
 
-        info["onnx"] = {
+    return {
+        "onnx": {
             "opset": int(opset),
             "exporter": f"jax2onnx {jax2onnx_version()}",
             "onnxruntime": ort.__version__,
         }
-    write_bytes_atomic(vocab_file, vocab)
-    write_json(sidecar_path(out), info)
+    }
 
-    if quantize == "int8":
-        qpath = int8_path(out)
-        feed = batch or min(16, int(config.train.batch_size))
-        reader = TrainingImages(config, tokenize, calibration_examples, feed, int(config.seed))
-        t0 = time.perf_counter()
-        qtmp = temporary_path(qpath)
-        try:
-            qinfo = quantize_int8(
+
+def _write_int8(
+    out: Path,
+    meta,
+    config,
+    tok,
+    tokenize,
+    margin_fn,
+    photo,
+    reference,
+    batch,
+    *,
+    calibration_examples,
+    calibration_method,
+    quant_op_types,
+    exclude_nodes,
+    float_text_encoder,
+    eval_split,
+    max_eval_examples,
+    latency_iters,
+    threads,
+    log,
+) -> dict:
+    """Quantise the float ONNX file `out` to `<stem>.int8.onnx` on training images, compare
+    the two (val metrics, latency) and write the int8 file's sidecar; returns its report."""
+    qpath = int8_path(out)
+    feed = batch or min(16, int(config.train.batch_size))
+    reader = TrainingImages(config, tokenize, calibration_examples, feed, int(config.seed))
+    t0 = time.perf_counter()
+    qtmp = temporary_path(qpath)
+    try:
+        qinfo = quantize_int8(
+            out,
+            qtmp,
+            reader,
+            quant_op_types,
+            exclude_nodes,
+            calibration_method,
+            float_text_encoder,
+        )
+        qinfo.update(
+            compare_int8(
                 out,
                 qtmp,
-                reader,
-                quant_op_types,
-                exclude_nodes,
-                calibration_method,
-                float_text_encoder,
-            )
-            qinfo.update(
-                compare_int8(
-                    out,
-                    qtmp,
-                    lambda i, t, m: predict(variables, i, t, m)["margin"],
-                    config,
-                    tokenize,
-                    photo,
-                    (ref_prob, ref_margin),
-                    batch,
-                    eval_split,
-                    max_eval_examples,
-                    latency_iters,
-                    threads,
-                    log,
-                ),
-                file=qpath.name,
-            )
-            qtmp.replace(qpath)
-        finally:
-            qtmp.unlink(missing_ok=True)
-        log(
-            f"quantised {qpath} on {reader.seen} training examples ({reader.split} split) in "
-            f"{time.perf_counter() - t0:.1f}s"
+                margin_fn,
+                config,
+                tokenize,
+                photo,
+                reference,
+                batch,
+                eval_split,
+                max_eval_examples,
+                latency_iters,
+                threads,
+                log,
+            ),
+            file=qpath.name,
         )
-        qside = sidecar("onnx", qpath, meta, config, tok, batch)
-        qside["quantization"] = qinfo
-        write_json(sidecar_path(qpath), qside)
-        info["int8"] = qinfo
-        write_json(sidecar_path(out), info)
-    return info
+        qtmp.replace(qpath)
+    finally:
+        qtmp.unlink(missing_ok=True)
+    log(
+        f"quantised {qpath} on {reader.seen} training examples ({reader.split} split) in "
+        f"{time.perf_counter() - t0:.1f}s"
+    )
+    qside = sidecar("onnx", qpath, meta, config, tok, batch)
+    qside["quantization"] = qinfo
+    write_json(sidecar_path(qpath), qside)
+    return qinfo
