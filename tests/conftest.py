@@ -1,7 +1,13 @@
 """Test set-up: 8 fake CPU devices and the CPU convolution flag, before any JAX op."""
 
+import concurrent.futures
+import dataclasses
 import os
+import signal
+import subprocess
+import sys
 import tempfile
+from collections.abc import Callable
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 _flags = os.environ.get("XLA_FLAGS", "")
@@ -33,8 +39,12 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-# Generated data and TFDS caches of the test session stay out of the user's cache.
-os.environ["RKD_JAX_CACHE"] = tempfile.mkdtemp(prefix="rkd_jax_test_cache_")
+# Generated data and TFDS caches of the test session stay out of the user's cache; the Python
+# commands the session starts that import this file (the background tiny run, test workers)
+# share the session's.
+if os.environ.get("RKD_JAX_TEST_SESSION_CACHE") != os.environ.get("RKD_JAX_CACHE"):
+    os.environ["RKD_JAX_CACHE"] = tempfile.mkdtemp(prefix="rkd_jax_test_cache_")
+    os.environ["RKD_JAX_TEST_SESSION_CACHE"] = os.environ["RKD_JAX_CACHE"]
 
 
 def load_config(name: str = "distill", arg: str = "tiny"):
@@ -52,21 +62,148 @@ def tiny_config(**run_overrides):
     return c
 
 
-@pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory):
-    """A distillation run of the tiny config (teacher first, 6 steps each), trained once per
-    test session through train_and_evaluate: workdir with teacher/ and the student."""
-    from rkd_jax import train
+# Background commands. The suite's longest parts are commands that need nothing from the tests
+# before them (the tiny run's training, launch.sh's tiny experiment); pytest runs one test at a
+# time, so on a 2-core machine one core sat idle while they ran. They start in background
+# threads as soon as collection has chosen the tests (only when a chosen test needs them), the
+# tests that need them run last (their modules are moved to the end), and each of those waits
+# for its command's result. A command's meaning is unchanged: the same command, arguments and
+# environment the test ran itself before.
 
-    workdir = tmp_path_factory.mktemp("tiny_run")
-    config = tiny_config()
-    train.train_and_evaluate(config, workdir)
-    return workdir
+
+@dataclasses.dataclass
+class Job:
+    """One background command: `run(base, env)` returns its result; `base` is a new directory of
+    the session's temporary tree, `env` the environment when the tests were chosen (tests that
+    run meanwhile may change os.environ or the working directory: a job passes both
+    explicitly). `wanted(item)`: a chosen test needs it. Jobs of one lane run one after
+    another, in the order registered; lanes run side by side."""
+
+    name: str
+    lane: str
+    wanted: Callable[[pytest.Item], bool]
+    run: Callable[[Path, dict], object]
+    future: concurrent.futures.Future | None = None
+
+
+_JOBS: dict[str, Job] = {}
+_LANES: dict[str, concurrent.futures.ThreadPoolExecutor] = {}
+_PROCS: list[subprocess.Popen] = []
+_TMP: list = []  # the session's TempPathFactory, once collection has started
+
+
+def background(name: str, lane: str, wanted: Callable[[pytest.Item], bool]):
+    """Decorator registering `run(base, env) -> result` as the background job `name` (at import
+    of the test module that uses it)."""
+
+    def register(run):
+        _JOBS[name] = Job(name, lane, wanted, run)
+        return run
+
+    return register
+
+
+def background_result(name: str):
+    """The job's result: waits for it if it was started in the background, else runs it now."""
+    job = _JOBS[name]
+    if job.future is None:
+        return job.run(_TMP[0].mktemp(name), dict(os.environ))
+    return job.future.result()
+
+
+def popen(args, **kwargs) -> subprocess.Popen:
+    """subprocess.Popen in its own process group, ended with the session if still running."""
+    proc = subprocess.Popen(args, start_new_session=True, **kwargs)
+    _PROCS.append(proc)
+    return proc
+
+
+def run_command(args, timeout: float, **kwargs) -> subprocess.CompletedProcess:
+    """subprocess.run(args, capture_output=True, text=True, check=False, timeout=timeout) in its
+    own process group (see `popen`)."""
+    with popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs) as p:
+        try:
+            out, err = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.communicate()
+            raise
+    return subprocess.CompletedProcess(args, p.returncode, out, err)
+
+
+def _lane_order(item) -> int:
+    """0: needs no background job; else 1 + the latest-registered job it waits for."""
+    names = list(_JOBS)
+    waits = [names.index(j.name) + 1 for j in _JOBS.values() if j.wanted(item)]
+    return max(waits, default=0)
 
 
 def pytest_collection_modifyitems(config, items):
     """Every test that needs the trained tiny run is one of the suite's `slow` end-to-end checks:
-    training it costs ~1.5 min of CPU, more than the whole `-m "not slow"` loop."""
+    training it costs ~1.5 min of CPU, more than the whole `-m "not slow"` loop. Modules whose
+    tests wait for a background job run last (whole modules, in their order: module fixtures
+    are set up once)."""
     for item in items:
         if "tiny_run" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.slow)
+    module_order: dict = {}
+    for item in items:
+        key = item.nodeid.split("::")[0]
+        module_order[key] = max(module_order.get(key, 0), _lane_order(item))
+    items.sort(key=lambda item: module_order[item.nodeid.split("::")[0]])
+
+
+def pytest_collection_finish(session):
+    _TMP.append(session.config._tmp_path_factory)
+    if session.config.option.collectonly:
+        return
+    for job in _JOBS.values():
+        if any(job.wanted(item) for item in session.items):
+            lane = _LANES.get(job.lane)
+            if lane is None:
+                lane = _LANES[job.lane] = concurrent.futures.ThreadPoolExecutor(1, job.lane)
+            job.future = lane.submit(job.run, _TMP[0].mktemp(job.name), dict(os.environ))
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """A stopped session (-x, Ctrl-C) ends the background commands still running."""
+    for lane in _LANES.values():
+        lane.shutdown(wait=False, cancel_futures=True)
+    for proc in _PROCS:
+        if proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+TINY_RUN = """
+import sys
+sys.path.insert(0, sys.argv[1])
+from conftest import tiny_config  # the session's environment, as in the test process
+from rkd_jax import train
+train.train_and_evaluate(tiny_config(), sys.argv[2])
+"""
+
+
+@background("tiny_run", "b", lambda item: "tiny_run" in getattr(item, "fixturenames", ()))
+def _train_tiny_run(base: Path, env: dict) -> tuple[Path, subprocess.CompletedProcess]:
+    workdir = base / "tiny_run"
+    proc = run_command(
+        [sys.executable, "-c", TINY_RUN, str(ROOT / "tests"), str(workdir)],
+        timeout=1800,
+        cwd=ROOT,
+        env=env,
+    )
+    return workdir, proc
+
+
+@pytest.fixture(scope="session")
+def tiny_run():
+    """A distillation run of the tiny config (teacher first, 6 steps each), trained once per
+    test session through train_and_evaluate (in a background Python process with this one's
+    environment: 8 fake devices, the same flags and caches): workdir with teacher/ and the
+    student."""
+    workdir, proc = background_result("tiny_run")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return workdir

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import conftest
 import pytest
 
 from rkd_jax import platform
@@ -15,19 +16,27 @@ from rkd_jax import platform
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.slow
-def test_step_benchmark_smoke(tmp_path):
+def _wanted(name: str):
+    return lambda item: item.name == name and item.module.__name__ == __name__
+
+
+# The two smokes run in the background (conftest.background), after the tiny run's training.
+@conftest.background("step_benchmark_smoke", "b", _wanted("test_step_benchmark_smoke"))
+def _step_smoke(tmp_path: Path, env: dict):
     out = tmp_path / "smoke.json"
-    # conftest's XLA_FLAGS (fake devices, optimisation level 0, the YNNPACK-off flag) carry over.
-    proc = subprocess.run(
+    # conftest's XLA_FLAGS (fake devices, optimisation level 1, the YNNPACK-off flag) carry over.
+    proc = conftest.run_command(
         [sys.executable, str(ROOT / "benchmarks" / "step.py"), "--smoke", "--out", str(out)],
-        capture_output=True,
-        check=False,
-        text=True,
         timeout=300,
-        env=dict(os.environ),
+        env=env,
         cwd=str(tmp_path),
     )
+    return out, proc
+
+
+@pytest.mark.slow
+def test_step_benchmark_smoke():
+    out, proc = conftest.background_result("step_benchmark_smoke")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     lines = proc.stdout.strip().splitlines()
     assert lines[-1] == "jax/pytorch min ratio: n/a (no peer figures)"
@@ -110,11 +119,12 @@ def test_peer_runs_with_a_given_interpreter_and_relative_paths(tmp_path, monkeyp
     assert set(peer["versions"]) == {"torch", "torchvision", "transformers"}
 
 
-@pytest.mark.slow
-def test_teacher_targets_benchmark_smoke(tmp_path):
-    """benchmarks/teacher_targets.py on the tiny config: both steps run and are timed."""
+@conftest.background(
+    "teacher_targets_benchmark_smoke", "b", _wanted("test_teacher_targets_benchmark_smoke")
+)
+def _targets_smoke(tmp_path: Path, env: dict):
     out = tmp_path / "targets.json"
-    proc = subprocess.run(
+    proc = conftest.run_command(
         [
             sys.executable,
             str(ROOT / "benchmarks" / "teacher_targets.py"),
@@ -129,13 +139,17 @@ def test_teacher_targets_benchmark_smoke(tmp_path):
             "--out",
             str(out),
         ],
-        capture_output=True,
-        check=False,
-        text=True,
         timeout=600,
-        env=dict(os.environ),
+        env=env,
         cwd=str(tmp_path),
     )
+    return out, proc
+
+
+@pytest.mark.slow
+def test_teacher_targets_benchmark_smoke():
+    """benchmarks/teacher_targets.py on the tiny config: both steps run and are timed."""
+    out, proc = conftest.background_result("teacher_targets_benchmark_smoke")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads(out.read_text())
     assert res["method"] == "vl_channel" and res["batch"] == 8

@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import conftest
 import pytest
 from conftest import ROOT, load_config
 
@@ -265,43 +266,58 @@ TINY_RUNS = (
 )
 
 
+def _launch_env(environ) -> dict:
+    env = dict(environ, PYTHON=sys.executable)
+    # One device compiles about 3x faster than the suite's 8 fake ones; sharding is tested
+    # elsewhere.
+    flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", ""))
+    env["XLA_FLAGS"] = flags + " --xla_force_host_platform_device_count=1"
+    return env
+
+
+def _launch_tiny(cmd: list[str], *extra: str, environ=os.environ):
+    t0 = time.perf_counter()
+    env = _launch_env(environ)
+    r = conftest.run_command(cmd + list(extra), timeout=3000, env=env, cwd=ROOT)
+    return r, time.perf_counter() - t0
+
+
+def _tiny_cmd(root: Path, out: Path) -> list[str]:
+    return ["bash", str(LAUNCH), "--setting", "tiny", "--seeds", "1"] + (
+        ["--root", str(root), "--out", str(out)]
+    )
+
+
+@conftest.background(
+    "launch_tiny",
+    "a",
+    lambda item: item.name == "test_launch_tiny_runs_every_stage_then_skips_them",
+)
+def _first_launch(base: Path, env: dict):
+    """The test's first invocation (every stage trains), started when the session starts."""
+    root, out = base / "runs", base / "out"
+    return root, out, _launch_tiny(_tiny_cmd(root, out), environ=env)
+
+
 @pytest.mark.slow
 def test_launch_tiny_runs_every_stage_then_skips_them(tmp_path):
     """launch.sh --setting tiny --seeds 1: every stage end to end (2 steps per run, 8 val
     sentences, refcoco), then a second invocation skips every stage, then `--stages "eval
     report"` re-scores a run whose results file was deleted and regenerates the table."""
-    env = dict(os.environ, PYTHON=sys.executable)
-    # One device compiles about 3x faster than the suite's 8 fake ones; sharding is tested
-    # elsewhere.
-    flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", ""))
-    env["XLA_FLAGS"] = flags + " --xla_force_host_platform_device_count=1"
-    root, out = tmp_path / "runs", tmp_path / "out"
-    cmd = [
-        "bash",
-        str(LAUNCH),
-        "--setting",
-        "tiny",
-        "--seeds",
-        "1",
-        "--root",
-        str(root),
-        "--out",
-        str(out),
-    ]
+    # The first invocation ran in the background (conftest.background) while other tests ran.
+    root, out, first_result = conftest.background_result("launch_tiny")
+    cmd = _tiny_cmd(root, out)
 
-    def launch(*extra):
-        t0 = time.perf_counter()
-        r = subprocess.run(
-            cmd + list(extra), check=False, env=env, capture_output=True, text=True, timeout=3000
-        )
+    def launch(*extra, result=None):
+        r, seconds = result or _launch_tiny(cmd, *extra)
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-        print(f"launch.sh {' '.join(extra)}: {time.perf_counter() - t0:.0f} s")
+        print(f"launch.sh {' '.join(extra)}: {seconds:.0f} s")
         return r.stdout
 
     def run_dir(run):
         return root / "refcoco" / ("teacher" if run == "teacher" else f"seed0/{run}")
 
-    first = launch()
+    first = launch(result=first_result)
     for run in TINY_RUNS:
         d = run_dir(run)
         name = "refcoco/teacher" if run == "teacher" else f"refcoco/seed0/{run}"
