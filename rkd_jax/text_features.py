@@ -17,6 +17,10 @@ from rkd_jax import feature_cache, parallel
 from rkd_jax.config_loader import phase_configs
 from rkd_jax.models import build
 
+# Tables kept in memory when run.text_cache_dir is empty (a job's teacher and student tables).
+_MEMORY_TABLES = 4
+_MEMORY: dict[str, np.ndarray] = {}
+
 
 def uses_text_cache(config, model_cfg) -> bool:
     """Whether a model's text features come from a precomputed table (frozen encoder and
@@ -74,8 +78,6 @@ def text_table(
     def compute():
         return text_features(model, variables, tokens, mask)
 
-    if not directory:
-        return parallel.replicate(compute(), mesh), False
     key = feature_cache.fingerprint(
         variables["params"]["text_encoder"],
         model_cfg.to_dict(),
@@ -85,6 +87,15 @@ def text_table(
         jax.default_backend(),
         jax.__version__,
     )
+    if not directory:
+        # No directory: the phases of one job (teacher, distillation, student alone) still
+        # share the tables they compute, in this process's memory.
+        hit = key in _MEMORY
+        if not hit:
+            while len(_MEMORY) >= _MEMORY_TABLES:
+                _MEMORY.pop(next(iter(_MEMORY)))  # the oldest
+            _MEMORY[key] = compute()
+        return parallel.replicate(_MEMORY[key], mesh), hit
     info = {"sentences": len(tokens), "architecture": build.architecture(model_cfg)}
     table, hit = feature_cache.load_or_compute(directory, key, compute, info)
     return parallel.replicate(table, mesh), hit

@@ -184,7 +184,7 @@ def _text_tables(config, phase: Phase, state, mesh) -> dict:
         time.perf_counter() - t0,
         sum(hits),
         len(hits),
-        config.run.get("text_cache_dir", "") or "no cache",
+        config.run.get("text_cache_dir", "") or "this process's memory",
     )
     return tables
 
