@@ -96,13 +96,28 @@ def store(directory: Path, key: str, array: np.ndarray, info: dict | None = None
     return data_path
 
 
+# With no directory, arrays are kept in this process's memory instead, so the phases of one job
+# (teacher, distillation, student alone) still compute each one once; the oldest goes first.
+MEMORY_ENTRIES = 4
+_memory: dict[str, np.ndarray] = {}
+
+
 def load_or_compute(
     directory: str | os.PathLike,
     key: str,
     compute: Callable[[], np.ndarray],
     info: dict | None = None,
 ) -> tuple[np.ndarray, bool]:
-    """(array, whether it was read from `directory`); computed and stored on a miss."""
+    """(array, whether it was found); computed and stored on a miss: in `directory`, or with an
+    empty `directory` in this process's memory (at most MEMORY_ENTRIES arrays)."""
+    if not directory:
+        if key in _memory:
+            return _memory[key], True
+        array = np.asarray(compute())
+        while len(_memory) >= MEMORY_ENTRIES:
+            _memory.pop(next(iter(_memory)))
+        _memory[key] = array
+        return array, False
     directory = Path(directory)
     cached = load(directory, key)
     if cached is not None:

@@ -17,10 +17,6 @@ from rkd_jax import feature_cache, parallel
 from rkd_jax.config_loader import phase_configs
 from rkd_jax.models import build
 
-# Tables kept in memory when run.text_cache_dir is empty (a job's teacher and student tables).
-_MEMORY_TABLES = 4
-_MEMORY: dict[str, np.ndarray] = {}
-
 
 def uses_text_cache(config, model_cfg) -> bool:
     """Whether a model's text features come from a precomputed table (frozen encoder and
@@ -67,9 +63,10 @@ def text_features(
 def text_table(
     config, model, model_cfg, variables, tokens: np.ndarray, mask: np.ndarray, mesh
 ) -> tuple[jax.Array, bool]:
-    """(`text_features` replicated over `mesh`, whether they came from the on-disk cache).
+    """(`text_features` replicated over `mesh`, whether they came from the cache).
 
-    With `config.run.text_cache_dir` set they are read from / written to it under a key that
+    They are read from / written to `config.run.text_cache_dir` (empty: this process's memory,
+    so a job's phases share them; feature_cache.load_or_compute) under a key that
     fingerprints the frozen encoder's weights, the model config, the sentences' tokens and
     masks, the compute dtype, the backend and the jax version (feature_cache).
     """
@@ -87,15 +84,6 @@ def text_table(
         jax.default_backend(),
         jax.__version__,
     )
-    if not directory:
-        # No directory: the phases of one job (teacher, distillation, student alone) still
-        # share the tables they compute, in this process's memory.
-        hit = key in _MEMORY
-        if not hit:
-            while len(_MEMORY) >= _MEMORY_TABLES:
-                _MEMORY.pop(next(iter(_MEMORY)))  # the oldest
-            _MEMORY[key] = compute()
-        return parallel.replicate(_MEMORY[key], mesh), hit
     info = {"sentences": len(tokens), "architecture": build.architecture(model_cfg)}
     table, hit = feature_cache.load_or_compute(directory, key, compute, info)
     return parallel.replicate(table, mesh), hit

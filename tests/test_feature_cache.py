@@ -86,6 +86,31 @@ def test_store_failure_leaves_no_partial_file(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_without_a_directory_arrays_are_shared_in_memory(monkeypatch):
+    """An empty directory keeps arrays in this process's memory: a second request with the same
+    key computes nothing; beyond MEMORY_ENTRIES the oldest is dropped and computed again."""
+    monkeypatch.setattr(feature_cache, "_memory", {})
+    calls = []
+
+    def compute(value):
+        def run():
+            calls.append(value)
+            return np.full((2, 3), value, np.float32)
+
+        return run
+
+    a, hit = feature_cache.load_or_compute("", "k0", compute(0.0))
+    assert not hit and calls == [0.0]
+    b, hit = feature_cache.load_or_compute("", "k0", compute(9.0))
+    assert hit and calls == [0.0] and np.array_equal(a, b) and float(b[0, 0]) == 0.0
+    for i in range(1, feature_cache.MEMORY_ENTRIES + 1):
+        feature_cache.load_or_compute("", f"k{i}", compute(float(i)))
+    assert "k0" not in feature_cache._memory
+    assert len(feature_cache._memory) == feature_cache.MEMORY_ENTRIES
+    _, hit = feature_cache.load_or_compute("", "k0", compute(5.0))
+    assert not hit and calls[-1] == 5.0
+
+
 def test_distill_run_from_the_cache_equals_a_run_without_it(tiny_run, tmp_path):
     """Three 2-step distillation runs from the same teacher: without a cache, filling it,
     reading it. Both tables (student, teacher) come from the cache in the third, and all three
