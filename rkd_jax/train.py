@@ -341,6 +341,12 @@ def _validate(config, phase: Phase, predict_fn, state, mesh) -> dict:
     return {"val_mIoU": res["network"]["mIoU"], "val_oIoU": res["network"]["oIoU"]}
 
 
+def write_config(run_dir: Path, config) -> None:
+    """<run_dir>/config.json: the run's whole configuration (process 0 writes it)."""
+    if jax.process_index() == 0:
+        (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2, default=list))
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     """The whole job for config.mode: (teacher first if needed), train, then evaluate."""
     from rkd_jax.data import prepare
@@ -349,8 +355,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         raise ValueError(f"config.mode={config.mode!r}; expected one of {MODES}")
     workdir = Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
-    if jax.process_index() == 0:
-        (workdir / "config.json").write_text(json.dumps(config.to_dict(), indent=2, default=list))
+    write_config(workdir, config)
     mesh = parallel.make_mesh()
     prepare.ensure_prepared(config.data)
     splits = config.data.eval_splits
@@ -385,10 +390,7 @@ def compare_with_student_alone(config, workdir: Path, distilled: dict, mesh) -> 
     alone_config.mode = "student"
     alone_config.student_alone = False
     alone_dir.mkdir(parents=True, exist_ok=True)
-    if jax.process_index() == 0:
-        (alone_dir / "config.json").write_text(
-            json.dumps(alone_config.to_dict(), indent=2, default=list)
-        )
+    write_config(alone_dir, alone_config)
     log.info("config.student_alone: training the same student without the teacher in %s", alone_dir)
     run_phase(alone_config, alone_dir, "student", mesh)
     results = {
