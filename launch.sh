@@ -406,15 +406,13 @@ ensure_teacher() {
 # chosen factor (same config, seed and weights; measured to reproduce it to the last digit), so
 # its checkpoints start DIR: main then finds the schedule done and only scores every split.
 reuse_sweep_run() {
-  local factor src
-  [[ " ${SWEEP_ROWS[*]} " == *" $1 "* && -f $OUT/sweep.json && ! -d $3/checkpoints ]] || return 0
-  factor=$("$PY" -c 'import json, sys
-d = json.load(open(sys.argv[1]))["datasets"].get(sys.argv[2], {}).get(sys.argv[3], {})
-print(format(d["chosen_factor"], "g") if "chosen_factor" in d else "")' "$OUT/sweep.json" "$2" "$1") ||
+  local run src
+  [[ " ${SWEEP_ROWS[*]} " == *" $1 "* && ! -d $3/checkpoints ]] || return 0
+  run=$("$PY" -m rkd_jax.sweep chosen-run --out "$OUT" --dataset "$2" "$1") ||
     die "reading the sweep's choice for $2 $1 from $OUT/sweep.json failed"
-  src="$ROOT/$2/sweep/${1}_x$factor"
-  [[ -n $factor ]] && has_checkpoint "$src" || return 0
-  echo "seed 0 of $2 $1 is the sweep's run ${1}_x$factor: its checkpoints are reused ($src)"
+  src="$ROOT/$2/sweep/$run"
+  [[ -n $run ]] && has_checkpoint "$src" || return 0
+  echo "seed 0 of $2 $1 is the sweep's run $run: its checkpoints are reused ($src)"
   mkdir -p "$3"
   cp -a "$src/checkpoints" "$3/checkpoints"
   [[ -f $src/metrics.jsonl ]] && cp "$src/metrics.jsonl" "$3/metrics.jsonl"
@@ -481,7 +479,7 @@ sweep_stage() {
   for ds in "${DATASETS[@]}"; do
     for row in "${SWEEP_ROWS[@]}"; do
       for f in "${SWEEP_FACTORS[@]}"; do
-        dir="$ROOT/$ds/sweep/$("$PY" -c "print(f'${row}_x{float(\"$f\"):g}')")"
+        dir="$ROOT/$ds/sweep/$("$PY" -m rkd_jax.sweep run-name "$row" "$f")"
         name=${dir#"$ROOT"/}
         if results_complete "$dir" "$ds" val; then
           echo "skip sweep $name: results exist"

@@ -129,16 +129,29 @@ def choose(
     return result
 
 
-def chosen(out: Path, dataset: str, row: str) -> list[str]:
-    """The overrides of the chosen factor, or [] when no sweep was run for this row."""
+def _chosen_record(out: Path, dataset: str, row: str) -> dict | None:
+    """sweep.json's record of (dataset, row) when a factor was chosen, else None."""
     f = Path(out) / "sweep.json"
     if not f.is_file():
-        return []
+        return None
     try:
         r = json.loads(f.read_text())["datasets"].get(dataset, {}).get(row)
     except (ValueError, KeyError, AttributeError):
         raise cli.UserError(f"{f}: not a sweep file of python -m rkd_jax.sweep choose") from None
-    return list(r["overrides"]) if r and r.get("chosen_factor") is not None else []
+    return r if r and r.get("chosen_factor") is not None else None
+
+
+def chosen(out: Path, dataset: str, row: str) -> list[str]:
+    """The overrides of the chosen factor, or [] when no sweep was run for this row."""
+    r = _chosen_record(out, dataset, row)
+    return list(r["overrides"]) if r else []
+
+
+def chosen_run(out: Path, dataset: str, row: str) -> str:
+    """The sweep run (`run_name`) of the chosen factor, or "" when none was chosen: seed 0 of
+    the row trains exactly that run."""
+    r = _chosen_record(out, dataset, row)
+    return run_name(row, float(r["chosen_factor"])) if r else ""
 
 
 def _main(argv: Sequence[str] | None) -> int:
@@ -146,29 +159,35 @@ def _main(argv: Sequence[str] | None) -> int:
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("fields")
     s.add_argument("row")
-    s = sub.add_parser("overrides")
-    s.add_argument("row")
-    s.add_argument("factor", type=float)
+    for name in ("overrides", "run-name"):
+        s = sub.add_parser(name)
+        s.add_argument("row")
+        s.add_argument("factor", type=float)
     s = sub.add_parser("choose")
     s.add_argument("--root", type=Path, required=True)
     s.add_argument("--out", type=Path, required=True)
     s.add_argument("--datasets", nargs="+", required=True)
     s.add_argument("--factors", nargs="+", type=float, default=list(DEFAULT_FACTORS))
     s.add_argument("--rows", nargs="+", default=None)
-    s = sub.add_parser("chosen")
-    s.add_argument("--out", type=Path, required=True)
-    s.add_argument("--dataset", required=True)
-    s.add_argument("row")
+    for name in ("chosen", "chosen-run"):
+        s = sub.add_parser(name)
+        s.add_argument("--out", type=Path, required=True)
+        s.add_argument("--dataset", required=True)
+        s.add_argument("row")
     a = p.parse_args(argv)
     if a.cmd == "fields":
         print(" ".join(fields(a.row)))
     elif a.cmd == "overrides":
         print("\n".join(overrides(a.row, a.factor)))
+    elif a.cmd == "run-name":
+        print(run_name(a.row, a.factor))
     elif a.cmd == "choose":
         r = choose(a.root, a.out, a.datasets, a.factors, a.rows)
         for ds, per_row in r["datasets"].items():
             for row, v in per_row.items():
                 print(f"sweep {ds} {row}: {v['val_mIoU']} -> x{v['chosen_factor']}")
+    elif a.cmd == "chosen-run":
+        print(chosen_run(a.out, a.dataset, a.row))
     else:
         out = chosen(a.out, a.dataset, a.row)
         if out:

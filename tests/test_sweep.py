@@ -45,6 +45,10 @@ def test_choose_keeps_the_best_val_factor_and_chosen_reads_it(tmp_path):
     assert sweep.chosen(out, "refcoco", "cwd") == ["--config.distill.cwd_weight=3"]
     assert sweep.chosen(out, "refcoco", "skd") == []
     assert sweep.chosen(out, "refcoco+", "cwd") == []
+    # The run seed 0 reuses: the chosen factor's directory, named as the sweep stage names it.
+    assert sweep.chosen_run(out, "refcoco", "cwd") == sweep.run_name("cwd", 1.0) == "cwd_x1"
+    assert sweep.chosen_run(out, "refcoco", "skd") == ""
+    assert sweep.chosen_run(tmp_path / "nowhere", "refcoco", "cwd") == ""
     md = (out / "sweep.md").read_text()
     assert "| cwd | 40.00 | 45.00 | 30.00 | x1 |" in md
     assert "| skd | - | 90.00 | - | (incomplete) |" in md
@@ -58,6 +62,8 @@ def test_choose_keeps_the_best_val_factor_and_chosen_reads_it(tmp_path):
 def test_cli_prints_overrides_and_refuses_an_unknown_row(capsys):
     assert sweep.main(["overrides", "logit_kd", "0.1"]) == 0
     assert capsys.readouterr().out.strip() == "--config.distill.kd_weight=1"
+    assert sweep.main(["run-name", "logit_kd", "0.10"]) == 0
+    assert capsys.readouterr().out.strip() == "logit_kd_x0.1"
     assert sweep.main(["overrides", "teacher", "1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: row 'teacher'")
