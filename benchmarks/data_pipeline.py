@@ -50,6 +50,12 @@ GPU_RESULTS = ROOT / "benchmarks" / "results" / "gpu-h100-2026-11-27.json"
 REFCOCO_TRAIN_OBJECTS = 42_404
 REFCOCO_EVAL_SENTENCES = {"val": 10_834, "testA": 5_657, "testB": 5_095}
 COCO_MEAN_JPEG_KB = 160  # COCO train2014: 13.5 GB over 82,783 images
+# docs/miniature.md, the FLOP convention: one distillation step at 384 px and 20 tokens is 184
+# GFLOP of useful work per image (teacher forward 75.5, student forward 34.7, student backward
+# about twice that). The teacher's training step (forward and backward) is about 3 x 75.5.
+DISTILL_GFLOP_PER_IMAGE = 184.0
+TEACHER_FORWARD_GFLOP = 75.5
+STUDENT_FORWARD_GFLOP = 34.7
 
 
 def jpeg_size(text: str) -> tuple[int, int]:
@@ -383,11 +389,30 @@ def plan(rows: list[dict], gpu_results: Path, factor: float, host_cores: int) ->
                 int(paper.run.eval_every_epochs),
             ),
         }
-        out["teacher_phase"] = (
-            "not measured: benchmarks/step.py times the distill step, not the teacher's "
-            "training step (ResNet-101 + BERT-12 forward and backward)"
+        out["teacher_phase"] = teacher_phase(
+            loader, step_paper, infer, int(paper.teacher_train.epochs), batch, paper
         )
     return out
+
+
+def teacher_phase(
+    loader: float, distill_step: float, student_infer: float, epochs: int, batch: int, paper
+) -> dict:
+    """The teacher's training phase, estimated: benchmarks/step.py times the distillation step
+    and the student's inference, not the teacher's training step. At the distillation step's
+    useful FLOP rate (DISTILL_GFLOP_PER_IMAGE x its images/s), a teacher training step of
+    3 x TEACHER_FORWARD_GFLOP per image runs at distill x 184 / 226.5 images/s, and the
+    teacher's inference at the student's x 34.7 / 75.5."""
+    step = distill_step * DISTILL_GFLOP_PER_IMAGE / (3 * TEACHER_FORWARD_GFLOP)
+    infer = student_infer * STUDENT_FORWARD_GFLOP / TEACHER_FORWARD_GFLOP
+    return {
+        "estimated": True,
+        "step_images_per_s": round(step, 1),
+        "infer_images_per_s": round(infer, 1),
+        "batch_size": batch,
+        "epochs": epochs,
+        **phase_seconds(loader, step, infer, epochs, batch, int(paper.run.eval_every_epochs)),
+    }
 
 
 def machine() -> dict:
@@ -550,8 +575,17 @@ def print_plan(pl: dict) -> None:
         print(
             f"  student phase: {s['images']} images at min({pl['loader_images_per_s']}, "
             f"{s['step_images_per_s']}) images/s = {s['train_s']} s + validation {s['eval_s']} s"
-            f" = {s['total_h']} h; teacher phase: {pl['teacher_phase']}"
+            f" = {s['total_h']} h"
         )
+    t = pl.get("teacher_phase")
+    if t:
+        print(
+            f"  teacher phase (estimated from the FLOP convention: a training step at "
+            f"{t['step_images_per_s']} images/s, inference at {t['infer_images_per_s']}): "
+            f"{t['images']} images = {t['train_s']} s + validation {t['eval_s']} s = "
+            f"{t['total_h']} h"
+        )
+        print(f"  one teacher and one student phase: {round(t['total_h'] + s['total_h'], 2)} h")
 
 
 if __name__ == "__main__":

@@ -200,6 +200,12 @@ def test_data_pipeline_arithmetic():
     assert not pl["workers"]["at_fastest_step"]["fits_host"]
     assert pl["chosen_num_workers"] == 9 and pl["loader_images_per_s"] == 1125.0
     assert pl["student_phase"]["train_s"] == round(1_696_000 / 735.4716110118568)
+    # The teacher's phase, estimated at the distill step's useful FLOP rate: 735.47 x 184 /
+    # (3 x 75.5) = 597.5 images/s (below the loader's 1125); inference 7814.2 x 34.7 / 75.5.
+    t = pl["teacher_phase"]
+    assert t["estimated"] and t["step_images_per_s"] == round(735.4716110118568 * 184 / 226.5, 1)
+    assert t["train_s"] == round(1_696_000 / (735.4716110118568 * 184 / 226.5))
+    assert t["infer_images_per_s"] == round(7814.240843450967 * 34.7 / 75.5, 1)
 
 
 @pytest.mark.slow
