@@ -67,10 +67,17 @@ def choose(
     root: Path, out: Path, datasets: Sequence[str], factors: Sequence[float], rows=None
 ) -> dict:
     """Read every sweep run's val mIoU, keep the best factor per (dataset, row); write
-    <out>/sweep.json and sweep.md. A row with a missing run is not chosen (listed as such)."""
+    <out>/sweep.json and sweep.md. A row with a missing run is not chosen (listed as such).
+    Besides `datasets`, every dataset with sweep runs under `root` is read again: a table
+    finished in several sittings (one dataset each) keeps the earlier datasets' choices."""
     rows = list(rows or WEIGHTS)
     result: dict = {"factors": list(factors), "defaults": default_weights(), "datasets": {}}
-    for ds in datasets:
+    swept = (
+        {d.name for d in Path(root).iterdir() if (d / "sweep").is_dir()}
+        if Path(root).is_dir()
+        else set()
+    )
+    for ds in sorted(set(datasets) | swept):
         per_row = {}
         for row in rows:
             if not (Path(root) / ds / "sweep").is_dir():

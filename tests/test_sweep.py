@@ -52,6 +52,14 @@ def test_choose_keeps_the_best_val_factor_and_chosen_reads_it(tmp_path):
     md = (out / "sweep.md").read_text()
     assert "| cwd | 40.00 | 45.00 | 30.00 | x1 |" in md
     assert "| skd | - | 90.00 | - | (incomplete) |" in md
+    # Another sitting sweeps refcoco+ only: refcoco's choices stay (read again from its runs).
+    for f, m in zip(factors, (0.50, 0.52, 0.55)):
+        _val(root, "refcoco+", "distill", f, m)
+    r = sweep.choose(root, out, ["refcoco+"], factors)
+    assert list(r["datasets"]) == ["refcoco", "refcoco+"]
+    assert sweep.chosen_run(out, "refcoco", "cwd") == "cwd_x1"
+    assert sweep.chosen_run(out, "refcoco+", "distill") == "distill_x10"
+    assert "## refcoco\n" in (out / "sweep.md").read_text()
     _val(root, "refcoco", "ickd", 0.1, 0.2)
     (root / "refcoco/sweep/ickd_x1/results").mkdir(parents=True)
     (root / "refcoco/sweep/ickd_x1/results/refcoco_val.json").write_text("{}")
