@@ -191,7 +191,7 @@ def test_demo_command_in_a_fresh_process(tiny_run, item, tmp_path):
         "--size",
         "300",
     ]
-    # The tiny run was trained on 8 devices; the command runs on one, as on a laptop.
+    # The command runs on one device, as on a laptop (not on the test session's 8).
     res = subprocess.run(
         cmd, cwd=ROOT, env=single_device_env(), capture_output=True, text=True, check=False
     )

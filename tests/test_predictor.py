@@ -66,8 +66,8 @@ def sample(tiny_run):
     return scored_sentences("val", 3)
 
 
-# The eval runs the predict function on batches of run.eval_batch_size sharded over the test's
-# 8 devices, the predictor on its own batch on one device: XLA compiles the two shapes into
+# The tiny run's eval runs the predict function on batches of run.eval_batch_size, the
+# predictor on its own batch: XLA compiles the two shapes into
 # different float32 summation orders, and the CPU's kernels (AVX2 or AVX-512) change them again.
 # Measured: the margins of two such compilations differ by at most ~4e-6 (the jax.export and
 # ONNX parity in README.md: 3.8e-6, 7.6e-6). A pixel whose margin is within MARGIN_NOISE of 0
