@@ -39,19 +39,20 @@ def resolve_text_encoder_dir(path: str) -> Path:
 def init_variables(
     model, model_cfg, rng, image_size: int, max_tokens: int, pretrained: bool = True
 ) -> dict:
-    """Random init, then the pretrained text encoder and backbone weights the config names."""
-    variables = jax.jit(model.init)(rng, *build.dummy_inputs(image_size, max_tokens))
-    variables = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
-    if not pretrained:
-        return variables
-    params = dict(variables["params"])
-    stats = dict(variables["batch_stats"])
-    if model_cfg.text_pretrained:
+    """Random init, then the pretrained text encoder and backbone weights the config names.
+
+    The parts that pretrained weights replace are left out of the jitted init (XLA drops the
+    random draws nobody returns): the MiniLM embedding alone is 11.7 M draws. Flax derives
+    each parameter's key from its module path, so every randomly initialised parameter is the
+    one a full init gives (a test checks this bit for bit)."""
+    inputs = build.dummy_inputs(image_size, max_tokens)
+    loaded: dict[tuple[str, str], tuple] = {}  # (collection, module) -> (weights, what)
+    if pretrained and model_cfg.text_pretrained:
         _, text_params = load_bert(
             resolve_text_encoder_dir(model_cfg.text_encoder_dir), model_cfg.text_num_layers
         )
-        params["text_encoder"] = _replace(params["text_encoder"], text_params, "text encoder")
-    if model_cfg.backbone_weights:
+        loaded["params", "text_encoder"] = (text_params, "text encoder")
+    if pretrained and model_cfg.backbone_weights:
         path = model_cfg.backbone_weights
         if path == "offline":
             if model_cfg.backbone != "efficientnet_lite0":
@@ -61,16 +62,29 @@ def init_variables(
                     "give a .pth/.safetensors path"
                 )
             path = vision.lite0_checkpoint_path()
-        loaded = vision.load_backbone_weights(
+        weights = vision.load_backbone_weights(
             path,
             model_cfg.backbone,
             int(model_cfg.backbone_width),
             tuple(model_cfg.backbone_stage_sizes),
         )
-        params["visual"] = _replace(params["visual"], loaded["params"], f"backbone ({path})")
-        if "visual" in stats:
-            stats["visual"] = _replace(stats["visual"], loaded["batch_stats"], f"backbone ({path})")
-    return {"params": params, "batch_stats": stats}
+        loaded["params", "visual"] = (weights["params"], f"backbone ({path})")
+        loaded["batch_stats", "visual"] = (weights["batch_stats"], f"backbone ({path})")
+
+    def init(rng):
+        v = model.init(rng, *inputs)
+        return {
+            col: {k: t for k, t in v.get(col, {}).items() if (col, k) not in loaded}
+            for col in ("params", "batch_stats")
+        }
+
+    variables = jax.jit(init)(rng)
+    if loaded:
+        shapes = jax.eval_shape(model.init, rng, *inputs)
+        for (col, name), (weights, what) in loaded.items():
+            if name in shapes.get(col, {}):
+                variables[col][name] = _replace(shapes[col][name], weights, what)
+    return variables
 
 
 def _replace(target, loaded, what: str):

@@ -101,6 +101,30 @@ def test_a_non_finite_state_is_never_saved(tmp_path):
     assert ckpt_lib.first_non_finite(small_state()) is None
 
 
+def test_non_finite_found_in_replicated_and_sharded_arrays():
+    """Replicated arrays are checked on the host (one local copy), arrays sharded over the
+    devices in a jitted reduction: both name the first bad leaf."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    mesh = Mesh(np.array(jax.devices()), ("data",))
+    n = len(jax.devices())
+    rep = NamedSharding(mesh, PartitionSpec())
+    split = NamedSharding(mesh, PartitionSpec("data"))
+    ok = np.zeros((n, 3), np.float32)
+    state = {
+        "a": jax.device_put(ok, rep),
+        "b": jax.device_put(ok, split),
+        "c": jax.device_put(np.arange(n, dtype=np.int32), split),  # not floating point
+    }
+    assert ckpt_lib.first_non_finite(state) is None
+    bad = ok.copy()
+    bad[n - 1, 2] = np.nan  # on the last device only
+    assert ckpt_lib.first_non_finite({**state, "b": jax.device_put(bad, split)}) == "['b']"
+    bad[n - 1, 2] = -np.inf
+    assert ckpt_lib.first_non_finite({**state, "a": jax.device_put(bad, rep)}) == "['a']"
+    assert ckpt_lib.first_non_finite({"h": bad}) == "['h']"  # a host array
+
+
 def test_resume_with_another_architecture_names_the_parameter(tmp_path):
     ckpt = save_steps(tmp_path / "checkpoints", [2])
     with pytest.raises(
