@@ -187,14 +187,18 @@ class Checkpointer:
             )
         return out["state"], dict(out["data"] or {}), dict(out["meta"] or {})
 
-    def _check_shapes(self, step: int, abstract_state: Any) -> None:
-        """CheckpointError naming the first parameter whose saved shape differs."""
+    def saved_state(self, step: int) -> Any:
+        """The state item's tree of orbax ArrayMetadata (shape, dtype, saved sharding)."""
         from etils import epath
 
         state_dir = self.directory / str(step) / "state"
         with _naming_damage(state_dir):
             saved = ocp.StandardCheckpointHandler().metadata(epath.Path(state_dir))
-        saved = getattr(saved, "tree", saved)
+        return getattr(saved, "tree", saved)
+
+    def _check_shapes(self, step: int, abstract_state: Any) -> None:
+        """CheckpointError naming the first parameter whose saved shape differs."""
+        saved = self.saved_state(step)
         where = f"{self.directory}/{step}"
         advice = "resume it with the config it was trained with, or use another run directory"
         for part in ("params", "batch_stats"):
@@ -311,7 +315,8 @@ def check_role(meta: dict, expected: str, what: str) -> None:
 def restore(path: str | Path) -> tuple[ml_collections.ConfigDict, dict, dict]:
     """Load (config, variables {'params', 'batch_stats'}, meta) from a run or checkpoint.
 
-    Needs no abstract target: arrays come back as saved (replicated on the default device).
+    Needs no abstract target: shapes and dtypes come from the checkpoint's metadata, and the
+    arrays land on this process's first device.
     `meta["role"]` says which model of the config the variables belong to ('teacher' or
     'student'); `meta["model"]` is that model's config.
     """
@@ -319,13 +324,19 @@ def restore(path: str | Path) -> tuple[ml_collections.ConfigDict, dict, dict]:
     ckpt = Checkpointer(directory, read_only=True)
     try:
         meta = ckpt.read_meta(step)
-        # Without a target, arrays land on this process's first device, whatever the number
-        # of devices they were saved from (a checkpoint of 8 GPUs loads on a laptop).
-        fallback = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        # Every array lands on this process's first device, whatever devices it was saved
+        # from: a checkpoint of 8 GPUs loads on a laptop, and one saved from a single device
+        # loads in each task of a multi-process job. (The saved sharding is not used: a
+        # one-device checkpoint names device 0, which only the first process holds, and the
+        # others' restores then never finished.)
+        local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        target = jax.tree.map(
+            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=local),
+            ckpt.saved_state(step),
+        )
         with _naming_damage(directory / str(step) / "state"):
             out = ckpt.manager.restore(
-                step,
-                args=ocp.args.Composite(state=ocp.args.StandardRestore(fallback_sharding=fallback)),
+                step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
             )
     finally:
         ckpt.close()
