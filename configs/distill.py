@@ -2,7 +2,7 @@
 
 `python -m rkd_jax.main --config=configs/distill.py[:VARIANT]` with VARIANT one of
   (empty)  the embedded miniature: trains a narrow ResNet teacher, then distils it into a
-           narrower student on the generated RefCOCO-style data (15-25 min on 2 CPU cores);
+           narrower student on the generated RefCOCO-style data (about 14 min on 2 CPU cores);
   tiny     a seconds-long smoke configuration (tests, CI);
   lite0    the miniature with the ImageNet EfficientNet-Lite0 student (offline weights);
   paper    the paper's settings: ResNet-101 + BERT-base teacher, ResNet-18 + first 4 BERT
