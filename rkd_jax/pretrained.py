@@ -80,7 +80,7 @@ def init_variables(
 
     variables = jax.jit(init)(rng)
     if loaded:
-        shapes = jax.eval_shape(model.init, rng, *inputs)
+        shapes = build.abstract_variables(model, image_size, max_tokens)
         for (col, name), (weights, what) in loaded.items():
             if name in shapes.get(col, {}):
                 variables[col][name] = _replace(shapes[col][name], weights, what)
