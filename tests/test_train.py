@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import ROOT, tiny_config
+from conftest import ROOT, one_device, tiny_config
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -195,16 +195,6 @@ WORKER = textwrap.dedent(
 )
 
 
-def one_device_env() -> dict:
-    """The test environment with one CPU device instead of conftest's 8 fake ones."""
-    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]
-    return dict(
-        os.environ,
-        JAX_PLATFORMS="cpu",
-        XLA_FLAGS=" ".join([*flags, "--xla_force_host_platform_device_count=1"]),
-    )
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("localhost", 0))
@@ -299,7 +289,7 @@ def test_sigkill_during_save_then_resume_equals_uninterrupted(tmp_path):
     killer.write_text(KILLER)
     # One device, as a laptop runs it: the 8 fake devices would run the replicated parts of the
     # step (and the model's initialisation) 8 times over; sharding is tested above.
-    env = one_device_env()
+    env = one_device(dict(os.environ, JAX_PLATFORMS="cpu"))
     killed = subprocess.run(
         [sys.executable, str(killer), *cmd, "--workdir", str(tmp_path / "b")],
         env=dict(env, RKD_TEST_KILL_AT_SAVE="4"),
