@@ -1,8 +1,10 @@
 """Test set-up: 8 fake CPU devices and the CPU convolution flag, before any JAX op."""
 
+import atexit
 import concurrent.futures
 import dataclasses
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -23,9 +25,6 @@ if "xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
 # environment): the many runs of the tiny configs compile the same train, eval and init
 # programs; a run that finds its program there loads it instead of compiling it again.
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
-    import atexit
-    import shutil
-
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="rkd_jax_test_xla_cache_")
     atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
@@ -53,9 +52,11 @@ ROOT = Path(__file__).resolve().parents[1]
 # Generated data and TFDS caches of the test session stay out of the user's cache; the Python
 # commands the session starts that import this file (the background tiny run, test workers)
 # share the session's.
-if os.environ.get("RKD_JAX_TEST_SESSION_CACHE") != os.environ.get("RKD_JAX_CACHE"):
+_session_cache = os.environ.get("RKD_JAX_TEST_SESSION_CACHE")
+if _session_cache is None or _session_cache != os.environ.get("RKD_JAX_CACHE"):
     os.environ["RKD_JAX_CACHE"] = tempfile.mkdtemp(prefix="rkd_jax_test_cache_")
     os.environ["RKD_JAX_TEST_SESSION_CACHE"] = os.environ["RKD_JAX_CACHE"]
+    atexit.register(shutil.rmtree, os.environ["RKD_JAX_CACHE"], ignore_errors=True)
 
 
 def load_config(name: str = "distill", arg: str = "tiny"):
@@ -115,11 +116,44 @@ def background(name: str, lane: str, wanted: Callable[[pytest.Item], bool]):
 
 
 def background_result(name: str):
-    """The job's result: waits for it if it was started in the background, else runs it now."""
+    """The job's result: waits for it if it was started in the background, else runs it now
+    (under pytest-xdist: once for all workers, see `_shared_result`)."""
     job = _JOBS[name]
     if job.future is None:
+        if XDIST_WORKER:
+            return _shared_result(job)
         return job.run(_TMP[0].mktemp(name), dict(os.environ))
     return job.future.result()
+
+
+# pytest-xdist (the README's test command: `-n 2`): each worker collects every test but runs
+# only its share, so a worker starts no background command; the first test that needs one runs
+# it, under a lock in the session's shared cache directory (created by the controlling process,
+# inherited by the workers), and the other workers read its result there.
+XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+_SHARED: dict[str, object] = {}
+
+
+def _shared_result(job: Job):
+    if job.name in _SHARED:
+        return _SHARED[job.name]
+    import fcntl
+    import pickle
+
+    jobs = Path(os.environ["RKD_JAX_TEST_SESSION_CACHE"]) / "jobs"
+    jobs.mkdir(exist_ok=True)
+    with open(jobs / f"{job.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        done = jobs / f"{job.name}.pickle"
+        if done.exists():
+            result = pickle.loads(done.read_bytes())
+        else:
+            base = jobs / job.name
+            base.mkdir()
+            result = job.run(base, dict(os.environ))
+            done.write_bytes(pickle.dumps(result))
+    _SHARED[job.name] = result
+    return result
 
 
 def popen(args, **kwargs) -> subprocess.Popen:
@@ -153,7 +187,12 @@ def pytest_collection_modifyitems(config, items):
     """Every test that needs the trained tiny run is one of the suite's `slow` end-to-end checks:
     training it costs ~1.5 min of CPU, more than the whole `-m "not slow"` loop. Modules whose
     tests wait for a background job run last (whole modules, in their order: module fixtures
-    are set up once)."""
+    are set up once).
+
+    Under pytest-xdist (`-n 2 --dist loadfile`: whole modules go to a worker, in this order) the
+    order is the other way round, longest first, so that no long module starts last while the
+    other worker has nothing left: the launch.sh experiment (~5 min of CPU), the modules in
+    XDIST_FIRST, the other modules that run a background command themselves, the rest."""
     for item in items:
         if "tiny_run" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.slow)
@@ -161,12 +200,22 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         key = item.nodeid.split("::")[0]
         module_order[key] = max(module_order.get(key, 0), _lane_order(item))
+    if XDIST_WORKER:
+        last_job = max(module_order.values(), default=0)
+        for key, order in module_order.items():
+            first = Path(key).name in XDIST_FIRST
+            module_order[key] = -(last_job - 0.5 if first else order)
     items.sort(key=lambda item: module_order[item.nodeid.split("::")[0]])
+
+
+# Modules without background commands whose CPU time is the suite's largest (measured
+# 2026-11-30, per test file: test_train.py ~370 s, the rest under 100 s each).
+XDIST_FIRST = ("test_train.py",)
 
 
 def pytest_collection_finish(session):
     _TMP.append(session.config._tmp_path_factory)
-    if session.config.option.collectonly:
+    if session.config.option.collectonly or XDIST_WORKER:
         return
     for job in _JOBS.values():
         if any(job.wanted(item) for item in session.items):
