@@ -13,7 +13,8 @@ class ConversionError(ValueError):
 
 
 def read_state_dict(path: str | Path) -> dict[str, np.ndarray]:
-    """Read a state dict from .safetensors, .pth/.pt/.bin (torch, weights_only) or .npz.
+    """Read a state dict from .safetensors, .pth/.pt/.bin (torch.save files, read without
+    torch: `torch_file`) or .npz.
 
     Returns float32/int numpy arrays keyed by the file's own names. A .pth file that holds a
     training checkpoint (`{"state_dict": ...}` or `{"model": ...}`) is unwrapped.
@@ -33,17 +34,12 @@ def read_state_dict(path: str | Path) -> dict[str, np.ndarray]:
         with np.load(path) as z:
             return {k: z[k] for k in z.files}
     if suffix in (".pth", ".pt", ".bin", ".ckpt"):
+        from rkd_jax.convert import torch_file  # torch.save files, read without torch
+
         try:
-            import torch
-        except ImportError as e:
-            raise ConversionError(
-                f"{path}: reading a PyTorch file needs torch (pip install torch==2.13.0 for "
-                "the CPU wheel), or convert it to .safetensors first"
-            ) from e
-        try:
-            obj = torch.load(str(path), map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise ConversionError(f"{path}: not a readable PyTorch weights file ({e})") from e
+            obj = torch_file.load(path)
+        except torch_file.TorchFileError as e:
+            raise ConversionError(str(e)) from None
         for wrapper in ("state_dict", "model", "model_state_dict"):
             if isinstance(obj, Mapping) and wrapper in obj and isinstance(obj[wrapper], Mapping):
                 obj = obj[wrapper]
@@ -51,14 +47,7 @@ def read_state_dict(path: str | Path) -> dict[str, np.ndarray]:
             raise ConversionError(
                 f"{path}: expected a state dict (name -> tensor), got {type(obj)}"
             )
-        out = {}
-        for k, v in obj.items():
-            if hasattr(v, "detach"):
-                v = v.detach().cpu()
-                if v.dtype == torch.bfloat16:
-                    v = v.float()
-                out[k] = v.numpy()
-        return out
+        return {k: v for k, v in obj.items() if isinstance(v, np.ndarray)}
     raise ConversionError(
         f"{path}: unknown weights format '{suffix}'; expected .safetensors, .pth, .pt, .bin or .npz"
     )
