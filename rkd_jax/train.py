@@ -142,9 +142,11 @@ def _restore_or_init(config, phase: Phase, ckpt: ckpt_lib.Checkpointer, mesh):
         )
 
     latest = ckpt.latest_step()
-    abstract = jax.eval_shape(fresh_state)
     if latest is None:
         return parallel.replicate(fresh_state(), mesh), None
+    # Traced only to resume: tracing the state builds the model and reads the pretrained
+    # weights once more.
+    abstract = jax.eval_shape(fresh_state)
     target = jax.tree.map(
         lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=parallel.replicated(mesh)),
         abstract,

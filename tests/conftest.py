@@ -15,12 +15,14 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 _flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in _flags:
     os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=8").strip()
-# Level 1, not 0: 0 compiles the unit tests' small programs a little faster (about 70 s of CPU
-# over those files), but runs large element-wise programs ~10x slower. Initialising the tiny
-# models (the MiniLM embedding table is 30522 x 384) took 15 s instead of 1.3 s, and
-# train_and_evaluate does it for every phase on each of the 8 devices: ~2 min per phase.
+# LLVM optimisation level 0: the suite compiles far more than it runs (tiny models, a few
+# steps each). Measured on the 2-core machine, one tiny training run (python -m rkd_jax.main,
+# 2 steps + validation): 19 s of CPU at level 0, 31 s at level 1 (its train step compiles in
+# 5.7 s instead of 11.5); the whole suite, quiet: 644 s / 1,253 s of CPU at level 1, 600 s /
+# 1,171 s at level 0 (with train.py tracing the state only to resume). (Level 0 was slower while init compiled the random MiniLM embedding,
+# which pretrained.init_variables now leaves out of the jitted init.)
 if "xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
-    os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=1"
+    os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
 # One compilation cache for the test session and the commands it starts (they inherit the
 # environment): the many runs of the tiny configs compile the same train, eval and init
 # programs; a run that finds its program there loads it instead of compiling it again.
@@ -189,7 +191,8 @@ def pytest_collection_modifyitems(config, items):
     tests wait for a background job run last (whole modules, in their order: module fixtures
     are set up once).
 
-    Under pytest-xdist (`-n 2 --dist loadfile`: whole modules go to a worker, in this order) the
+    Under pytest-xdist (`-n 2 --dist loadfile --no-loadscope-reorder`: whole modules go to a
+    worker, in this order; xdist would otherwise start with the modules of the most tests) the
     order is the other way round, longest first, so that no long module starts last while the
     other worker has nothing left: the launch.sh experiment (~5 min of CPU), the modules in
     XDIST_FIRST, the other modules that run a background command themselves, the rest."""

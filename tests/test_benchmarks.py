@@ -24,7 +24,7 @@ def _wanted(name: str):
 @conftest.background("step_benchmark_smoke", "b", _wanted("test_step_benchmark_smoke"))
 def _step_smoke(tmp_path: Path, env: dict):
     out = tmp_path / "smoke.json"
-    # conftest's XLA_FLAGS (fake devices, optimisation level 1, the YNNPACK-off flag) carry over.
+    # conftest's XLA_FLAGS (fake devices, optimisation level 0, the YNNPACK-off flag) carry over.
     proc = conftest.run_command(
         [sys.executable, str(ROOT / "benchmarks" / "step.py"), "--smoke", "--out", str(out)],
         timeout=300,
