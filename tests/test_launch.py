@@ -109,7 +109,8 @@ def _row(md: str, label: str, section: str) -> list[str]:
     raise AssertionError(f"no row {label!r} under {section!r}")
 
 
-def test_table_means_stds_and_missing_seeds(fake_root, tmp_path):
+def test_table_means_stds_and_missing_seeds(fake_root, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the report names its root relative to here
     out = tmp_path / "out"
     (out).mkdir()
     (out / "model_report_miniature.json").write_text(
@@ -157,6 +158,11 @@ def test_table_means_stds_and_missing_seeds(fake_root, tmp_path):
         "+9.00 ± 1.41 (n=2 of 3)"
     ) in md
     assert "the paper: +7.89" in md
+    # The share of the gap closed: mean gain / mean margin, 3.50 / 9.00; the paper's 1.87 / 7.89.
+    closed = "Share of the teacher-student gap closed"
+    assert _row(md, "student + L_VL + L_C (the paper)", closed)[:2] == ["39%", "—"]
+    assert _row(md, "paper: student + L_VL + L_C", closed)[0] == "24%"
+    assert "`python -m rkd_jax.table --root runs`" in md  # no machine path
 
     hp = _row(md, "student + L_VL + L_C (the paper)", "Hyper-parameters")
     assert hp[0] == "distill" and hp[2] == "7" and "0.5 L_VL + 0.5 L_C" in hp[5]
@@ -175,6 +181,9 @@ def test_table_means_stds_and_missing_seeds(fake_root, tmp_path):
     cell = data["rows"]["student"]["mIoU_network"]["refcoco val"]
     assert cell["n"] == 2 and cell["expected"] == 3 and cell["mean"] == pytest.approx(52.0)
     assert cell["values"] == {"0": pytest.approx(50.0), "1": pytest.approx(54.0)}
+    assert data["gap_closed_percent"]["distill"]["refcoco val"] == pytest.approx(350 / 9)
+    assert data["gap_closed_percent"]["cwd"]["refcoco val"] is None
+    assert data["root"] == "runs"
     png = (out / "table1_miou.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
 
