@@ -400,6 +400,13 @@ ensure_teacher() {
   echo "run teacher $1/teacher again: its results are archived but its checkpoint is not here"
   args_for teacher "$1" 0
   run_main teacher "$1/teacher" "$ROOT/logs/${1}_teacher.log" "${ARGS[@]}" --workdir="$tdir"
+  # Same seed and config, but another machine or code version may sum in another order: say
+  # how far the retrained teacher (the one the later runs distil) is from the archived one.
+  "$PY" - "$tdir/results/${1}_val.json" "$ARCHIVE/$1/teacher/results/${1}_val.json" <<'PYEOF' || true
+import json, sys
+new, old = (100 * json.load(open(f))["metrics"]["network"]["mIoU"] for f in sys.argv[1:3])
+print(f"teacher retrained: val mIoU {new:.2f} (the archived run: {old:.2f}; the table reports the archived one)")
+PYEOF
 }
 
 # reuse_sweep_run RUN DATASET DIR: seed 0 of a swept row trains exactly the sweep's run of the
