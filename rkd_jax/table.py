@@ -699,13 +699,13 @@ def _section_gains(r: _Report) -> tuple[list[str], dict]:
         if ref == "student"
     ]
     if closed_rows:
-        paper = [
+        paper_closed = [
             "—"
             if (m := _paper_difference("teacher", col)) is None
             else f"{100.0 * _paper_difference('distill', col) / m:.0f}%"
             for col in r.columns
         ]
-        closed_rows.append(["paper: student + L_VL + L_C", *paper])
+        closed_rows.append(["paper: student + L_VL + L_C", *paper_closed])
         lines += [
             "",
             "## Share of the teacher-student gap closed (mIoU, network resolution)",
@@ -943,7 +943,7 @@ def build(
         "teacher_margin_val": margin,
         "gap_closed_percent": {
             run: {_column_name(col): gap_closed(r, run, col) for col in r.columns}
-            for run, _, label in _distilled_pairs(r)
+            for run, _, _ in _distilled_pairs(r)
             if run in DISTILLED_ROWS
         },
         "curves": {f"{run}/{ds}": v for (run, ds), v in curves.items()},
