@@ -17,6 +17,12 @@ LABELS = {"teacher": "teacher", "student_alone": "student alone", "distilled": "
 METRICS = ("mIoU", "oIoU", "P@0.5")
 
 
+def gap_closed(gain: float, margin: float) -> float | None:
+    """The share of the teacher-student gap a distilled student closes: its gain over the
+    student alone / the teacher's margin over it (None when the teacher is not above it)."""
+    return gain / margin if margin > 0 else None
+
+
 def summarise(results: dict[str, dict[str, dict]]) -> dict:
     """{row: {split: metrics}} (`evaluate.evaluate_run`'s payloads) -> the comparison record:
     per split and row the network-resolution mIoU, oIoU, P@0.5 and the original-size mIoU;
@@ -41,7 +47,7 @@ def summarise(results: dict[str, dict[str, dict]]) -> dict:
         gap = teacher - alone
         per_row["gain"] = distilled - alone
         per_row["teacher_margin"] = gap
-        per_row["gap_closed"] = (distilled - alone) / gap if gap > 0 else None
+        per_row["gap_closed"] = gap_closed(distilled - alone, gap)
         record["splits"][split] = per_row
         families = {row: results[row][split].get("families") or {} for row in ROWS}
         if all(families.values()):

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rkd_jax import cli
+from rkd_jax import cli, comparison
 
 # Row order of Table I; the run directory names are the ones launch.sh writes.
 ROWS: tuple[tuple[str, str], ...] = (
@@ -652,12 +652,12 @@ def _distilled_pairs(r: _Report) -> list[tuple[str, str, str]]:
 
 
 def gap_closed(r: _Report, run: str, col: tuple[str, str]) -> float | None:
-    """The share (%) of the teacher-student gap a ResNet-18 row closes: its mean gain over the
-    student alone / the teacher's mean margin, both paired by seed (None without runs)."""
+    """The share (%) of the teacher-student gap a ResNet-18 row closes
+    (`comparison.gap_closed` of its mean gain and the teacher's mean margin, both paired by
+    seed; None without runs)."""
     margin, gain = r.gain("teacher", "student", col), r.gain(run, "student", col)
-    if margin.n == 0 or gain.n == 0 or margin.mean == 0:
-        return None
-    return 100.0 * gain.mean / margin.mean
+    share = None if margin.n == 0 or gain.n == 0 else comparison.gap_closed(gain.mean, margin.mean)
+    return None if share is None else 100.0 * share
 
 
 def _section_gains(r: _Report) -> tuple[list[str], dict]:
@@ -702,7 +702,7 @@ def _section_gains(r: _Report) -> tuple[list[str], dict]:
         paper_closed = [
             "—"
             if (m := _paper_difference("teacher", col)) is None
-            else f"{100.0 * _paper_difference('distill', col) / m:.0f}%"
+            else f"{100.0 * comparison.gap_closed(_paper_difference('distill', col), m):.0f}%"
             for col in r.columns
         ]
         closed_rows.append(["paper: student + L_VL + L_C", *paper_closed])
@@ -943,8 +943,8 @@ def build(
         "teacher_margin_val": margin,
         "gap_closed_percent": {
             run: {_column_name(col): gap_closed(r, run, col) for col in r.columns}
-            for run, _, _ in _distilled_pairs(r)
-            if run in DISTILLED_ROWS
+            for run, ref, _ in _distilled_pairs(r)
+            if ref == "student"
         },
         "curves": {f"{run}/{ds}": v for (run, ds), v in curves.items()},
         "paper": {k: {_column_name(c): v for c, v in t.items()} for k, t in PAPER_TABLE1.items()},

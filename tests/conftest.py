@@ -19,8 +19,9 @@ if "xla_force_host_platform_device_count" not in _flags:
 # steps each). Measured on the 2-core machine, one tiny training run (python -m rkd_jax.main,
 # 2 steps + validation): 19 s of CPU at level 0, 31 s at level 1 (its train step compiles in
 # 5.7 s instead of 11.5); the whole suite, quiet: 644 s / 1,253 s of CPU at level 1, 600 s /
-# 1,171 s at level 0 (with train.py tracing the state only to resume). (Level 0 was slower while init compiled the random MiniLM embedding,
-# which pretrained.init_variables now leaves out of the jitted init.)
+# 1,171 s at level 0 (with train.py tracing the state only to resume). Level 0 was slower
+# while init compiled the random MiniLM embedding, which pretrained.init_variables now leaves
+# out of the jitted init.
 if "xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
     os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
 # One compilation cache for the test session and the commands it starts (they inherit the
