@@ -102,6 +102,33 @@ def reexec_with_hugepage_malloc() -> None:
     os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
 
 
+def xla_flag_accepted(flag: str) -> bool:
+    """Whether the installed jaxlib accepts this XLA flag (an unknown one aborts the process).
+
+    Asked once per jaxlib version and flag, in a throw-away subprocess; the answer is cached in
+    <cache_dir>/xla_flag_probe.json. Without jaxlib: False.
+    """
+    try:
+        version = importlib.metadata.version("jaxlib")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    probe_file = cache_dir() / "xla_flag_probe.json"
+    known: dict = {}
+    try:
+        known = json.loads(probe_file.read_text())
+    except (OSError, ValueError):
+        known = {}
+    key = f"{version}:{flag}"
+    if key not in known:
+        known[key] = _flag_accepted(flag)
+        try:
+            probe_file.parent.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(probe_file, known)
+        except OSError:
+            pass
+    return bool(known[key])
+
+
 def configure_cpu_flags() -> list[str]:
     """Turn YNNPACK convolutions off when the installed jaxlib knows the flag.
 
@@ -113,25 +140,7 @@ def configure_cpu_flags() -> list[str]:
         return []
     if YNN_OFF_FLAG in os.environ.get("XLA_FLAGS", ""):
         return [YNN_OFF_FLAG]
-    try:
-        version = importlib.metadata.version("jaxlib")
-    except importlib.metadata.PackageNotFoundError:
-        return []
-    probe_file = cache_dir() / "xla_flag_probe.json"
-    known: dict = {}
-    try:
-        known = json.loads(probe_file.read_text())
-    except (OSError, ValueError):
-        known = {}
-    key = f"{version}:{YNN_OFF_FLAG}"
-    if key not in known:
-        known[key] = _flag_accepted(YNN_OFF_FLAG)
-        try:
-            probe_file.parent.mkdir(parents=True, exist_ok=True)
-            write_json_atomic(probe_file, known)
-        except OSError:
-            pass
-    if not known[key]:
+    if not xla_flag_accepted(YNN_OFF_FLAG):
         return []
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + YNN_OFF_FLAG).strip()
     return [YNN_OFF_FLAG]

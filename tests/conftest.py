@@ -35,6 +35,17 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 from rkd_jax import platform
 
 platform.configure_cpu_flags()
+# XLA:CPU's older (non-MLIR) fusion emitters: measured on the 2-core machine, they compile the
+# tiny Lite0 student's train step in 12.7 s of CPU instead of 26.3, and a tiny training run
+# (python -m rkd_jax.main, teacher then distilled student) in 24.5 s of CPU instead of 51. Only
+# the test session uses them: for training they are not a clear win (the miniature distill
+# step: 142 vs 150 img/s; benchmarks/step.py --config mini --xla-flags=...). Set only when
+# the installed jaxlib knows the flag (an unknown XLA flag aborts the process).
+FUSION_EMITTERS_OFF = "--xla_cpu_use_fusion_emitters=false"
+if "xla_cpu_use_fusion_emitters" not in os.environ["XLA_FLAGS"] and platform.xla_flag_accepted(
+    FUSION_EMITTERS_OFF
+):
+    os.environ["XLA_FLAGS"] += " " + FUSION_EMITTERS_OFF
 
 # The 8 fake devices share this machine's memory: orbax's replica-parallel save (its default
 # off GPU) splits each replicated array into 8 slices, one jitted slice and transfer each,

@@ -1,5 +1,7 @@
-"""rkd_jax.platform: the entry point's restart with glibc's malloc on huge pages."""
+"""rkd_jax.platform: the entry point's restart with glibc's malloc on huge pages; XLA flag probes."""
 
+import importlib.metadata
+import json
 import os
 import subprocess
 import sys
@@ -102,3 +104,27 @@ def test_importing_library_modules_starts_no_process():
         timeout=300,
     )
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+
+
+def test_xla_flag_probe_asks_jaxlib_once_per_version_and_flag(tmp_path, monkeypatch):
+    monkeypatch.setenv("RKD_JAX_CACHE", str(tmp_path))
+    asked = []
+
+    def probe(flag):
+        asked.append(flag)
+        return flag.endswith("=false")
+
+    monkeypatch.setattr(platform, "_flag_accepted", probe)
+    for _ in range(2):
+        assert platform.xla_flag_accepted("--xla_a=false")
+        assert not platform.xla_flag_accepted("--xla_b=true")
+    assert asked == ["--xla_a=false", "--xla_b=true"]  # the second round read the cache
+    known = json.loads((tmp_path / "xla_flag_probe.json").read_text())
+    version = importlib.metadata.version("jaxlib")
+    assert known == {f"{version}:--xla_a=false": True, f"{version}:--xla_b=true": False}
+
+
+def test_xla_flag_probe_runs_jaxlib_in_a_subprocess():
+    # An unknown XLA flag aborts the process that reads it: the probe's subprocess, not this one.
+    assert not platform._flag_accepted("--xla_rkd_jax_no_such_flag=1")
+    assert platform._flag_accepted("--xla_backend_optimization_level=0")
