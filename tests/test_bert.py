@@ -4,6 +4,7 @@ checkpoint, the checkpoint formats we import, the tokenizer, and bad input."""
 import functools
 import json
 import shutil
+import subprocess
 import sys
 
 import jax
@@ -132,6 +133,68 @@ def test_tokenizer_from_vocab_txt_only_lowercases(tmp_path, minilm_dir):
     tok = load_tokenizer(tmp_path)
     ids, _ = tokenize(tok, ["The DOG behind the Bench"], 10)
     assert ids[0, : len(REFERENCE_IDS)].tolist() == REFERENCE_IDS
+
+
+PARITY_TEXTS = [
+    "the dog behind the bench",
+    "The DOG Behind the BENCH!",
+    "café naïve résumé Ångström ÉCOLE",
+    "北京 the 人 on left",
+    "a [SEP] token [MASK] here, [cls] and [CLS]x",
+    "unbelievably-long-hyphenated_word's",
+    "  spaces\tand\nnewlines  ",
+    "emoji \U0001f984 cat",
+    "x" * 150,
+    "don't can't 3.5kg $100 #1",
+    "\u200b",
+    "",
+]
+
+
+@pytest.mark.parametrize(
+    "files, settings",
+    [
+        (("tokenizer.json", "vocab.txt", "tokenizer_config.json"), None),
+        (("vocab.txt",), None),
+        (("tokenizer.json",), None),
+        (("vocab.txt",), {"do_lower_case": False}),
+        (("vocab.txt",), {"do_lower_case": False, "strip_accents": True}),
+        (("vocab.txt",), {"do_lower_case": True, "strip_accents": False}),
+        (("vocab.txt",), {"tokenize_chinese_chars": False}),
+    ],
+)
+def test_tokenizer_gives_bert_tokenizer_fast_ids(tmp_path, minilm_dir, files, settings):
+    """Our WordPiece tokenizer (the tokenizers library, without importing transformers) gives
+    transformers' BertTokenizerFast ids, special-token ids and vocabulary."""
+    from transformers import BertTokenizerFast
+
+    for name in files:
+        shutil.copy(minilm_dir / name, tmp_path / name)
+    if settings is not None:
+        (tmp_path / "tokenizer_config.json").write_text(json.dumps(settings))
+    ours = load_tokenizer(tmp_path)
+    ref = BertTokenizerFast.from_pretrained(str(tmp_path), local_files_only=True)
+    want = ref(PARITY_TEXTS, add_special_tokens=False, padding=False, truncation=False)
+    assert ours.encode(PARITY_TEXTS) == want["input_ids"]
+    for k in ("unk", "sep", "pad", "cls"):
+        assert getattr(ours, f"{k}_token_id") == getattr(ref, f"{k}_token_id")
+    assert ours.get_vocab() == ref.get_vocab()
+    ids = want["input_ids"][4]
+    assert ours.convert_ids_to_tokens(ids) == ref.convert_ids_to_tokens(ids)
+    for text in PARITY_TEXTS:
+        assert ours.tokenize(text) == ref.tokenize(text)
+        pieces = ours.tokenize(text)
+        assert ours.convert_tokens_to_string(pieces) == ref.convert_tokens_to_string(pieces)
+
+
+def test_tokenizer_loading_imports_no_transformers(minilm_dir):
+    code = (
+        "import sys; from rkd_jax.data.tokenizer import load_tokenizer, tokenize; "
+        f"tokenize(load_tokenizer({str(minilm_dir)!r}), ['a cat'], 8); "
+        "print('transformers' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
 
 
 def test_expression_that_tokenises_to_nothing(tokenizer):

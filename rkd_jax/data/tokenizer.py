@@ -1,11 +1,17 @@
 """BERT WordPiece tokenization: `[CLS] pieces [SEP] [PAD]...` rows of a fixed length.
 
-The tokenizer is the fast WordPiece tokenizer of a Hugging Face BERT directory (the text
-encoder's; `rkd_jax.pretrained.resolve_text_encoder_dir` finds it from a model config).
+The tokenizer is the WordPiece tokenizer of a Hugging Face BERT directory (the text encoder's;
+`rkd_jax.pretrained.resolve_text_encoder_dir` finds it from a model config), built with the
+`tokenizers` library from the directory's vocabulary and tokenizer_config.json: the pipeline
+transformers' BertTokenizerFast runs (BERT's normaliser, pre-tokeniser and WordPiece model, the
+special tokens matched before normalisation). transformers itself is not imported: that costs
+about 1.5 s of start-up in every process that tokenises. tests/test_bert.py checks that the ids
+equal BertTokenizerFast's on every kind of text we could think of.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -14,23 +20,106 @@ import numpy as np
 from rkd_jax.convert.common import ConversionError
 
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt")
+SPECIAL_TOKENS = ("unk", "sep", "pad", "cls", "mask")
 
 
-def load_tokenizer(directory: str | Path):
-    """The fast WordPiece tokenizer of an HF BERT directory (offline, lower-casing as saved).
+class WordPieceTokenizer:
+    """BERT's WordPiece tokenizer: `vocab` (word piece -> id) and BertTokenizer's settings."""
 
-    Uses tokenizer.json when present, else vocab.txt (+ tokenizer_config.json's do_lower_case).
+    def __init__(
+        self,
+        vocab: dict[str, int],
+        lowercase: bool = True,
+        strip_accents: bool | None = None,
+        chinese_chars: bool = True,
+        special: dict[str, str] | None = None,
+    ):
+        from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers
+        from tokenizers.models import WordPiece
+
+        special = {k: f"[{k.upper()}]" for k in SPECIAL_TOKENS} | (special or {})
+        missing = [special[k] for k in ("unk", "sep", "pad", "cls") if special[k] not in vocab]
+        if missing:
+            raise ValueError(f"the vocabulary has no {', '.join(missing)}")
+        self._tok = Tokenizer(WordPiece(vocab, unk_token=special["unk"]))
+        self._tok.normalizer = normalizers.BertNormalizer(
+            clean_text=True,
+            handle_chinese_chars=chinese_chars,
+            strip_accents=strip_accents,
+            lowercase=lowercase,
+        )
+        self._tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        self._tok.decoder = decoders.WordPiece(prefix="##")
+        # Special tokens written in a text are matched whole, before lower-casing.
+        self._tok.add_special_tokens([t for t in special.values() if t in vocab])
+        self._vocab = dict(vocab)
+        self._pieces = {i: w for w, i in vocab.items()}
+        for k in ("unk", "sep", "pad", "cls"):
+            setattr(self, f"{k}_token_id", vocab[special[k]])
+
+    def encode(self, texts: Sequence[str]) -> list[list[int]]:
+        """Word-piece ids of each text, without special tokens, truncation or padding."""
+        return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+
+    def tokenize(self, text: str) -> list[str]:
+        """The word pieces of one text (`##` marks a piece that continues a word)."""
+        return self._tok.encode(text, add_special_tokens=False).tokens
+
+    def convert_tokens_to_string(self, tokens: Sequence[str]) -> str:
+        """Word pieces back to text: continuation pieces join their word (BERT's decoder, which
+        also drops the space before punctuation)."""
+        return self._tok.decoder.decode(list(tokens))
+
+    def get_vocab(self) -> dict[str, int]:
+        return dict(self._vocab)
+
+    def convert_ids_to_tokens(self, ids: Sequence[int]) -> list[str]:
+        return [self._pieces[int(i)] for i in ids]
+
+
+def _read_vocab(directory: Path) -> dict[str, int]:
+    """vocab.txt (one word piece a line, the line number its id), else tokenizer.json's."""
+    if (directory / "vocab.txt").is_file():
+        lines = (directory / "vocab.txt").read_text(encoding="utf-8").split("\n")
+        if lines and lines[-1] == "":
+            lines.pop()
+        return {w: i for i, w in enumerate(lines)}
+    model = json.loads((directory / "tokenizer.json").read_text(encoding="utf-8"))["model"]
+    if model.get("type") != "WordPiece":
+        raise ValueError(f"tokenizer.json holds a {model.get('type')} model, not WordPiece")
+    return dict(model["vocab"])
+
+
+def _settings(directory: Path) -> dict:
+    """BertTokenizer's settings from tokenizer_config.json (its defaults where absent)."""
+    path = directory / "tokenizer_config.json"
+    cfg = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+    def token(value, default):
+        return value.get("content", default) if isinstance(value, dict) else value or default
+
+    return dict(
+        lowercase=bool(cfg.get("do_lower_case", True)),
+        strip_accents=cfg.get("strip_accents"),
+        chinese_chars=bool(cfg.get("tokenize_chinese_chars", True)),
+        special={k: token(cfg.get(f"{k}_token"), f"[{k.upper()}]") for k in SPECIAL_TOKENS},
+    )
+
+
+def load_tokenizer(directory: str | Path) -> WordPieceTokenizer:
+    """The WordPiece tokenizer of an HF BERT directory (offline, lower-casing as configured).
+
+    Reads vocab.txt (else tokenizer.json's vocabulary) and tokenizer_config.json's
+    do_lower_case, strip_accents, tokenize_chinese_chars and special tokens.
     """
-    from transformers import BertTokenizerFast
-
     directory = Path(directory)
     if not any((directory / f).is_file() for f in TOKENIZER_FILES):
         raise ConversionError(
             f"{directory}: no tokenizer files; looked for {', '.join(TOKENIZER_FILES)}"
         )
     try:
-        return BertTokenizerFast.from_pretrained(str(directory), local_files_only=True)
-    except Exception as e:  # transformers raises OSError/ValueError/... for broken files
+        return WordPieceTokenizer(_read_vocab(directory), **_settings(directory))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise ConversionError(f"{directory}: cannot load the BERT tokenizer ({e})") from e
 
 
@@ -39,15 +128,7 @@ def _word_pieces(tokenizer, texts: Sequence[str]) -> list[list[int]]:
     for text in texts:
         if not isinstance(text, str):
             raise TypeError(f"expression {text!r}: expected a string, got {type(text).__name__}")
-    # Explicit padding/truncation: the call must not pick up tokenizer.json's own settings
-    # (all-MiniLM-L6-v2's pads everything to 128).
-    pieces = tokenizer(
-        list(texts),
-        add_special_tokens=False,
-        padding=False,
-        truncation=False,
-        verbose=False,
-    )["input_ids"]
+    pieces = tokenizer.encode(texts)
     unk = tokenizer.unk_token_id
     for text, ids in zip(texts, pieces):
         if all(t == unk for t in ids):
