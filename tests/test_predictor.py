@@ -70,7 +70,7 @@ def sample(tiny_run):
 # predictor on its own batch: XLA compiles the two shapes into
 # different float32 summation orders, and the CPU's kernels (AVX2 or AVX-512) change them again.
 # Measured: the margins of two such compilations differ by at most ~4e-6 (the jax.export and
-# ONNX parity in README.md: 3.8e-6, 7.6e-6). A pixel whose margin is within MARGIN_NOISE of 0
+# ONNX parity in docs/export.md: 3.8e-6, 7.6e-6). A pixel whose margin is within MARGIN_NOISE of 0
 # may fall on either side of the threshold; every other pixel must agree.
 MARGIN_NOISE = 1e-4
 
