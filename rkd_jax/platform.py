@@ -129,6 +129,18 @@ def xla_flag_accepted(flag: str) -> bool:
     return bool(known[key])
 
 
+def add_xla_flag(flag: str) -> bool:
+    """Append `flag` ("--name=value") to XLA_FLAGS unless XLA_FLAGS already sets that name (the
+    user's value wins) or the installed jaxlib rejects it (`xla_flag_accepted`). Must run before
+    JAX initialises a backend. True when XLA_FLAGS now holds exactly `flag`."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    if flag.split("=")[0] not in {f.split("=")[0] for f in flags.split()}:
+        if not xla_flag_accepted(flag):
+            return False
+        os.environ["XLA_FLAGS"] = flags = (flags + " " + flag).strip()
+    return flag in flags.split()
+
+
 def configure_cpu_flags() -> list[str]:
     """Turn YNNPACK convolutions off when the installed jaxlib knows the flag.
 
@@ -138,12 +150,7 @@ def configure_cpu_flags() -> list[str]:
     """
     if os.environ.get("RKD_JAX_KEEP_YNN") == "1":
         return []
-    if YNN_OFF_FLAG in os.environ.get("XLA_FLAGS", ""):
-        return [YNN_OFF_FLAG]
-    if not xla_flag_accepted(YNN_OFF_FLAG):
-        return []
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + YNN_OFF_FLAG).strip()
-    return [YNN_OFF_FLAG]
+    return [YNN_OFF_FLAG] if add_xla_flag(YNN_OFF_FLAG) else []
 
 
 def configure_cpu_flags_for_cpu_backend() -> list[str]:

@@ -41,11 +41,7 @@ platform.configure_cpu_flags()
 # the test session uses them: for training they are not a clear win (the miniature distill
 # step: 142 vs 150 img/s; benchmarks/step.py --config mini --xla-flags=...). Set only when
 # the installed jaxlib knows the flag (an unknown XLA flag aborts the process).
-FUSION_EMITTERS_OFF = "--xla_cpu_use_fusion_emitters=false"
-if "xla_cpu_use_fusion_emitters" not in os.environ["XLA_FLAGS"] and platform.xla_flag_accepted(
-    FUSION_EMITTERS_OFF
-):
-    os.environ["XLA_FLAGS"] += " " + FUSION_EMITTERS_OFF
+platform.add_xla_flag("--xla_cpu_use_fusion_emitters=false")
 
 # The 8 fake devices share this machine's memory: orbax's replica-parallel save (its default
 # off GPU) splits each replicated array into 8 slices, one jitted slice and transfer each,

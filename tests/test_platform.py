@@ -128,3 +128,14 @@ def test_xla_flag_probe_runs_jaxlib_in_a_subprocess():
     # An unknown XLA flag aborts the process that reads it: the probe's subprocess, not this one.
     assert not platform._flag_accepted("--xla_rkd_jax_no_such_flag=1")
     assert platform._flag_accepted("--xla_backend_optimization_level=0")
+
+
+def test_add_xla_flag_appends_accepted_flags_and_keeps_the_users_value(tmp_path, monkeypatch):
+    monkeypatch.setenv("RKD_JAX_CACHE", str(tmp_path))
+    monkeypatch.setattr(platform, "_flag_accepted", lambda flag: not flag.startswith("--xla_no"))
+    monkeypatch.setenv("XLA_FLAGS", "--xla_mine=7 --xla_ab=1")
+    assert platform.add_xla_flag("--xla_a=false")  # --xla_ab is another flag
+    assert not platform.add_xla_flag("--xla_no_such=1")  # rejected by jaxlib: left out
+    assert not platform.add_xla_flag("--xla_mine=0")  # set by the user: their value stays
+    assert platform.add_xla_flag("--xla_a=false")  # already there: not appended twice
+    assert os.environ["XLA_FLAGS"] == "--xla_mine=7 --xla_ab=1 --xla_a=false"
