@@ -702,7 +702,8 @@ def _section_gains(r: _Report) -> tuple[list[str], dict]:
         paper_closed = [
             "—"
             if (m := _paper_difference("teacher", col)) is None
-            else f"{100.0 * comparison.gap_closed(_paper_difference('distill', col), m):.0f}%"
+            or (share := comparison.gap_closed(_paper_difference("distill", col), m)) is None
+            else f"{100.0 * share:.0f}%"
             for col in r.columns
         ]
         closed_rows.append(["paper: student + L_VL + L_C", *paper_closed])
