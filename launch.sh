@@ -57,6 +57,12 @@ usage: launch.sh [options] [--config.FIELD=VALUE ...]
   --datasets "D ..."  datasets (default "refcoco refcoco+"; "refcoco" for --setting tiny)
   --eval-splits "S ..."
                       splits scored after training (default "val testA testB"; "val" for tiny)
+  --jobs N            train N runs of a stage at once, each pinned (taskset) to its own share
+                      of the cores this process may use (default 1: one after the other; not
+                      with --paper, which trains on one accelerator); the stage's last run
+                      gets every core. XLA:CPU keeps 2 cores only partly busy on the Lite0
+                      student's many small memory-bound ops: two of its training steps side by
+                      side, one core each, do 1.35x the images/s of one on both (docs/table1.md)
   --verbose           stream every run's output (default: into <root>/logs/, tail on failure)
   --config.F=V        passed to every python -m rkd_jax.main call (e.g. --config.train.epochs=4)
 
@@ -87,6 +93,7 @@ RESNET101=""
 RESNET18=""
 EFFNET_B0=""
 VERBOSE=0
+JOBS=1
 EXTRA=()
 SWEEP_ARG="unset"
 SWEEP_ROWS_ARG=""
@@ -115,6 +122,7 @@ while [[ $# -gt 0 ]]; do
     --stages) need_value "$@"; STAGES_ARG=$2; shift ;;
     --datasets) need_value "$@"; DATASETS_ARG=$2; shift ;;
     --eval-splits) need_value "$@"; SPLITS_ARG=$2; shift ;;
+    --jobs) need_value "$@"; JOBS=$2; shift ;;
     --verbose) VERBOSE=1 ;;
     --config.*=*)
       case "${1%%=*}" in
@@ -133,6 +141,7 @@ while [[ $# -gt 0 ]]; do
 done
 
 [[ $SEEDS =~ ^[1-9][0-9]*$ ]] || die "--seeds $SEEDS: expected a positive integer"
+[[ $JOBS =~ ^[1-9][0-9]*$ ]] || die "--jobs $JOBS: expected a positive integer"
 
 # Per setting: the config variant of the ResNet runs, the Lite0 runs' variant and overrides,
 # run-size overrides, defaults for datasets, splits, root and out.
@@ -236,6 +245,26 @@ for s in "${SPLITS[@]}"; do
   [[ $s =~ ^[A-Za-z0-9_]+$ ]] || die "--eval-splits: $s is not a split name"
 done
 SPLITS_TUPLE="($(printf "'%s'," "${SPLITS[@]}"))"
+
+# --jobs N: the cores of each job slot (taskset -c lists), this process's cores split evenly.
+JOB_CPUS=()
+if ((JOBS > 1)); then
+  [[ $SETTING != paper ]] || die "--jobs $JOBS: the paper setting trains on one accelerator; use --jobs 1"
+  command -v taskset >/dev/null || die "--jobs $JOBS needs taskset (util-linux) to pin each run to its cores"
+  mapfile -t JOB_CPUS < <("$PY" - "$JOBS" <<'PYEOF'
+import os
+import sys
+
+cpus, jobs = sorted(os.sched_getaffinity(0)), int(sys.argv[1])
+if jobs > len(cpus):
+    sys.exit(f"launch.sh: error: --jobs {jobs}: this process may use {len(cpus)} cores, one per job at least")
+per = len(cpus) // jobs
+for i in range(jobs):
+    print(",".join(str(c) for c in cpus[i * per:(i + 1) * per]))
+PYEOF
+  )
+  ((${#JOB_CPUS[@]} == JOBS)) || exit 2
+fi
 
 if [[ -n $STAGES_ARG ]]; then
   read -r -a WANT <<<"$STAGES_ARG"
@@ -361,9 +390,9 @@ run_main() {
     echo
   } >>"$log"
   if ((VERBOSE)); then
-    "$PY" -m rkd_jax.main "$@" 2>&1 | tee -a "$log" || rc=$?
+    ${PIN[@]+"${PIN[@]}"} "$PY" -m rkd_jax.main "$@" 2>&1 | tee -a "$log" || rc=$?
   else
-    "$PY" -m rkd_jax.main "$@" >>"$log" 2>&1 || rc=$?
+    ${PIN[@]+"${PIN[@]}"} "$PY" -m rkd_jax.main "$@" >>"$log" 2>&1 || rc=$?
   fi
   if ((rc != 0)); then
     record_time "$stage" "$name" $((SECONDS - t0)) "failed($rc)"
@@ -373,6 +402,104 @@ run_main() {
   fi
   record_time "$stage" "$name" $((SECONDS - t0)) ok
   RUN_SECONDS=$((SECONDS - t0))
+}
+
+# Job slots (--jobs N): start_job runs a command now (N = 1) or queues it; a queued job starts
+# in the background in a free slot when the next one is queued, pinned to the slot's cores (PIN,
+# which run_main puts before python). wait_jobs starts the stage's last job on every core (the
+# other slots' runs are ending; it then has the machine to itself), waits for every job and
+# stops launch.sh if one failed. After a failure no new job starts; the running ones finish and
+# archive their results, as the runs before a failure do without --jobs.
+PIN=()
+SLOT_PID=()
+SLOT_NAME=()
+JOB_FAILED=()
+QUEUED=""
+QUEUED_NAME=""
+
+kill_tree() {  # PID: the process and its descendants
+  local child
+  for child in $(ps -o pid= --ppid "$1" 2>/dev/null); do kill_tree "$child"; done
+  kill "$1" 2>/dev/null || true
+}
+
+reap_slot() {  # SLOT: collect its finished job's status
+  local rc=0
+  wait "${SLOT_PID[$1]}" || rc=$?
+  ((rc == 0)) || JOB_FAILED+=("${SLOT_NAME[$1]}")
+  SLOT_PID[$1]=""
+}
+
+# free_slot -> SLOT: an idle slot, after waiting for a job to finish if every slot is busy.
+free_slot() {
+  local i
+  while :; do
+    for ((i = 0; i < JOBS; i++)); do
+      if [[ -z ${SLOT_PID[i]:-} ]]; then SLOT=$i; return; fi
+      if ! kill -0 "${SLOT_PID[i]}" 2>/dev/null; then reap_slot "$i"; SLOT=$i; return; fi
+    done
+    sleep 2
+  done
+}
+
+wait_jobs() {
+  local i
+  [[ -z $QUEUED ]] || dispatch 0
+  for ((i = 0; i < JOBS; i++)); do
+    [[ -n ${SLOT_PID[i]:-} ]] && reap_slot "$i"
+  done
+  if ((${#JOB_FAILED[@]})); then
+    echo "launch.sh: FAILED in stage $STAGE: ${JOB_FAILED[*]} failed (see above); the runs" \
+      "beside them finished" >&2
+    exit 1
+  fi
+  return 0
+}
+
+start_job() {  # NAME CMD...
+  if ((JOBS == 1)); then
+    shift
+    "$@"
+    return
+  fi
+  [[ -z $QUEUED ]] || dispatch 1
+  QUEUED_NAME=$1
+  shift
+  QUEUED=$(printf '%q ' "$@")
+}
+
+dispatch() {  # PINNED: start the queued job in a free slot (1: on the slot's cores; 0: on all)
+  local cmd=$QUEUED pin=()
+  QUEUED=""
+  free_slot
+  ((${#JOB_FAILED[@]} == 0)) || wait_jobs
+  (($1)) && pin=(taskset -c "${JOB_CPUS[SLOT]}")
+  (
+    PIN=(${pin[@]+"${pin[@]}"})
+    eval "$cmd"
+  ) &
+  SLOT_PID[SLOT]=$!
+  SLOT_NAME[SLOT]=$QUEUED_NAME
+}
+
+if ((JOBS > 1)); then
+  trap 'for p in "${SLOT_PID[@]}"; do [[ -n $p ]] && kill_tree "$p"; done; exit 130' INT TERM
+fi
+
+# train_run STAGE NAME DIR ARGS...: one training run (python -m rkd_jax.main ARGS in DIR),
+# then its small files archived.
+train_run() {
+  local stage=$1 name=$2 dir=$3
+  shift 3
+  echo "run $stage $name (log: $ROOT/logs/${name//\//_}.log)"
+  run_main "$stage" "$name" "$ROOT/logs/${name//\//_}.log" "$@" --workdir="$dir"
+  [[ $stage == sweep ]] || touch "$dir/.trained"
+  archive_run "$dir"
+  if [[ $stage == sweep ]]; then
+    echo "done sweep $name in ${RUN_SECONDS}s"
+  else
+    echo "done $stage $name in ${RUN_SECONDS}s: $dir/results/"
+  fi
 }
 
 args_for() {  # RUN DATASET SEED [WEIGHTS] -> ARGS; WEIGHTS=chosen: the sweep's choice
@@ -461,14 +588,11 @@ train_stage() {
           ARGS+=(--config.teacher_checkpoint="$tdir")
         fi
         ((k == 0)) && reuse_sweep_run "$run" "$ds" "$dir"
-        echo "run $stage $name (log: $ROOT/logs/${name//\//_}.log)"
-        run_main "$stage" "$name" "$ROOT/logs/${name//\//_}.log" "${ARGS[@]}" --workdir="$dir"
-        touch "$dir/.trained"
-        archive_run "$dir"
-        echo "done $stage $name in ${RUN_SECONDS}s: $dir/results/"
+        start_job "$name" train_run "$stage" "$name" "$dir" "${ARGS[@]}"
       done
     done
   done
+  wait_jobs
   if [[ $stage == teacher ]]; then
     echo "stage teacher: results in $ROOT/<dataset>/teacher/results/"
   else
@@ -496,13 +620,11 @@ sweep_stage() {
         args_for "$row" "$ds" 0
         mapfile -t -O "${#ARGS[@]}" ARGS < <("$PY" -m rkd_jax.sweep overrides "$row" "$f")
         ARGS+=(--config.teacher_checkpoint="$ROOT/$ds/teacher" "--config.data.eval_splits=('val',)")
-        echo "run sweep $name (log: $ROOT/logs/${name//\//_}.log)"
-        run_main sweep "$name" "$ROOT/logs/${name//\//_}.log" "${ARGS[@]}" --workdir="$dir"
-        archive_run "$dir"
-        echo "done sweep $name in ${RUN_SECONDS}s"
+        start_job "$name" train_run sweep "$name" "$dir" "${ARGS[@]}"
       done
     done
   done
+  wait_jobs
   "$PY" -m rkd_jax.sweep choose --root "$ARCHIVE" --out "$OUT" --datasets "${DATASETS[@]}" \
     --factors "${SWEEP_FACTORS[@]}" ||
     { echo "launch.sh: FAILED in stage sweep: python -m rkd_jax.sweep choose" >&2; exit 1; }

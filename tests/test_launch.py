@@ -249,7 +249,102 @@ def test_launch_rejects_bad_options(tmp_path):
     assert r.returncode == 2 and "positive integer" in r.stderr
     r = launch("--sweep-rows", "distill bogus")
     assert r.returncode == 2 and "--sweep-rows: unknown row bogus (valid: distill" in r.stderr
+    r = launch("--jobs", "two")
+    assert r.returncode == 2 and "--jobs two: expected a positive integer" in r.stderr
+    r = launch("--jobs", str(len(os.sched_getaffinity(0)) + 1))
+    assert r.returncode == 2 and "one per job at least" in r.stderr
     assert not (tmp_path / "r").exists()  # nothing written before the error
+
+
+# A stand-in for the python launch.sh calls: `-m rkd_jax.main` writes the run's results after
+# FAKE_SECONDS (FAKE_FAIL: a workdir suffix that fails instead) and notes when it ran and on
+# which cores; every other call is the real interpreter.
+FAKE_PYTHON = """#!/usr/bin/env bash
+if [[ "$1 $2" != "-m rkd_jax.main" ]]; then exec "$REAL_PYTHON" "$@"; fi
+for a in "$@"; do
+  case "$a" in --workdir=*) dir=${a#*=} ;; --config.data.dataset=*) ds=${a#*=} ;; esac
+done
+mkdir -p "$dir/results"
+start=$(date +%s.%N)
+cores=$(taskset -pc $$ | sed 's/.*: //')
+if [[ -n $FAKE_FAIL && $dir == *"$FAKE_FAIL" ]]; then sleep 0.2; exit 3; fi
+sleep "$FAKE_SECONDS"
+echo "{\\"start\\": $start, \\"end\\": $(date +%s.%N), \\"cores\\": \\"$cores\\"}" >"$dir/ran.json"
+echo '{"metrics": {"network": {"mIoU": 0.5}}}' >"$dir/results/${ds}_val.json"
+"""
+
+
+def _fake_launch(tmp_path: Path, *args: str, **env: str):
+    fake = tmp_path / "python"
+    fake.write_text(FAKE_PYTHON)
+    fake.chmod(0o755)
+    root = tmp_path / "runs"
+    (root / "refcoco" / "teacher" / "checkpoints" / "2").mkdir(parents=True, exist_ok=True)
+    out = tmp_path / "out"
+    cmd = ["bash", str(LAUNCH), "--setting", "tiny", "--root", str(root), "--out", str(out)]
+    environ = dict(os.environ, PYTHON=str(fake), REAL_PYTHON=sys.executable, **env)
+    r = subprocess.run(
+        cmd + list(args), capture_output=True, text=True, timeout=120, env=environ, check=False
+    )
+    return r, root
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="--jobs 2 needs 2 cores")
+def test_launch_jobs_run_side_by_side_on_their_own_cores(tmp_path):
+    """--jobs 2: a stage's runs train two at a time, each pinned to its half of the cores but
+    the last."""
+    r, root = _fake_launch(
+        tmp_path, "--stages", "ablations", "--seeds", "2", "--jobs", "2", FAKE_SECONDS="1.5"
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    runs = [f"seed{k}/{run}" for k in (0, 1) for run in ("vl_only", "channel_only")]
+    ran = {run: json.loads((root / "refcoco" / run / "ran.json").read_text()) for run in runs}
+    # Each pair ran side by side; every run but the stage's last was pinned to one half of
+    # the cores, the last one (nothing queued behind it) to all of them.
+    for a, b in (runs[:2], runs[2:]):
+        assert ran[a]["start"] < ran[b]["end"] and ran[b]["start"] < ran[a]["end"], ran
+    cpus = sorted(os.sched_getaffinity(0))
+    half = len(cpus) // 2
+    cores = {run: _cores(ran[run]["cores"]) for run in runs}
+    assert cores[runs[0]] != cores[runs[1]]
+    assert {frozenset(cores[r]) for r in runs[:3]} == {
+        frozenset(cpus[:half]),
+        frozenset(cpus[half : 2 * half]),
+    }
+    assert cores[runs[3]] == set(cpus)
+    for run in runs:  # archived and timed as one after the other would be
+        assert (tmp_path / "out/runs/refcoco" / run / "results/refcoco_val.json").is_file()
+        assert re.search(rf"^done ablations refcoco/{run} in \d+s", r.stdout, re.MULTILINE)
+    times = (root / "stage_times.tsv").read_text().splitlines()
+    assert sorted(line.split("\t")[1] for line in times) == sorted(f"refcoco/{r}" for r in runs)
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="--jobs 2 needs 2 cores")
+def test_launch_jobs_stop_after_a_failed_run(tmp_path):
+    """A failed run: the run beside it finishes and is archived, no later run starts, and
+    launch.sh exits 1 naming the failed run."""
+    r, root = _fake_launch(
+        tmp_path,
+        *("--stages", "ablations", "--seeds", "2", "--jobs", "2"),
+        FAKE_SECONDS="1.5",
+        FAKE_FAIL="seed0/vl_only",
+    )
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "FAILED in stage ablations: refcoco/seed0/vl_only failed" in r.stderr
+    assert "refcoco/seed0/vl_only exited with 3" in r.stderr
+    archived = tmp_path / "out/runs/refcoco/seed0/channel_only/results"
+    assert (archived / "refcoco_val.json").is_file()
+    assert "run ablations refcoco/seed1" not in r.stdout
+    assert not (root / "refcoco" / "seed1").exists()
+
+
+def _cores(text: str) -> set[int]:
+    """The cores taskset lists ("0-3,6")."""
+    out = set()
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        out.update(range(int(lo), int(hi or lo) + 1))
+    return out
 
 
 def _checkpoints(root: Path) -> dict[str, float]:
