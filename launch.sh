@@ -60,9 +60,8 @@ usage: launch.sh [options] [--config.FIELD=VALUE ...]
   --jobs N            train N runs of a stage at once, each pinned (taskset) to its own share
                       of the cores this process may use (default 1: one after the other; not
                       with --paper, which trains on one accelerator); the stage's last run
-                      gets every core. XLA:CPU keeps 2 cores only partly busy on the Lite0
-                      student's many small memory-bound ops: two of its training steps side by
-                      side, one core each, do 1.35x the images/s of one on both (docs/table1.md)
+                      gets every core. For CPUs whose cores one run leaves partly idle
+                      (measured gains: docs/table1.md)
   --verbose           stream every run's output (default: into <root>/logs/, tail on failure)
   --config.F=V        passed to every python -m rkd_jax.main call (e.g. --config.train.epochs=4)
 

@@ -9,6 +9,14 @@ the whole Lite0 backbone's training gradient (BatchNorm in training mode), each 
 `rkd_jax.models.layers.depthwise_taps` ("taps"), and once more with flax's nn.BatchNorm in
 place of rkd_jax.models.layers.BatchNorm (the tree-summed statistics). Prints one row per shape and the load average,
 since a shared machine skews absolute times (the ratios hold better).
+
+`--backbone-only` times only the Lite0 backbone's training gradient in rkd_jax's form and prints
+its images/s: run under `taskset -c 0` and as two pinned processes side by side, it shows what
+launch.sh's `--jobs 2` gains for the Lite0 rows on a 2-core machine (docs/table1.md):
+
+    python benchmarks/depthwise.py --backbone-only --repeats 10
+    taskset -c 0 python benchmarks/depthwise.py --backbone-only --repeats 10 &
+    taskset -c 1 python benchmarks/depthwise.py --backbone-only --repeats 10; wait
 """
 
 from __future__ import annotations
@@ -44,6 +52,9 @@ def main(argv=None) -> int:
     p.add_argument("--size", type=int, default=96)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--out", default="")
+    p.add_argument(
+        "--backbone-only", action="store_true", help="only the Lite0 backbone's training gradient"
+    )
     args = p.parse_args(argv)
 
     from rkd_jax import platform
@@ -60,7 +71,7 @@ def main(argv=None) -> int:
     rows = []
     seen = set()
     h = -(-args.size // 2)  # after the stride-2 stem
-    for spec in architecture("lite0").blocks:
+    for spec in [] if args.backbone_only else architecture("lite0").blocks:
         c = spec.in_ch * spec.expand
         key = (h, c, spec.kernel, spec.stride)
         h_in, h = h, -(-h // spec.stride)
@@ -98,6 +109,16 @@ def main(argv=None) -> int:
         return sum(jnp.mean(o**2) for o in outs)
 
     backbone = {}
+    if args.backbone_only:
+        fn = jax.jit(jax.grad(loss)).lower(v["params"], x).compile()
+        ms = best_ms(fn, v["params"], x, repeats=args.repeats)
+        print(
+            f"Lite0 backbone training gradient, batch {args.batch}, {args.size}x{args.size}, "
+            f"{len(os.sched_getaffinity(0))} cores: {ms:.0f} ms, {args.batch / ms * 1e3:.1f} "
+            f"images/s; load {load0[0]:.2f} -> {os.getloadavg()[0]:.2f}",
+            flush=True,
+        )
+        return 0
     for name in ("native", "taps", "taps_flax_batchnorm"):
         if name == "native":
             with layers.native_depthwise():
