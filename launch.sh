@@ -60,8 +60,8 @@ usage: launch.sh [options] [--config.FIELD=VALUE ...]
   --jobs N            train N runs of a stage at once, each pinned (taskset) to its own share
                       of the cores this process may use (default 1: one after the other; not
                       with --paper, which trains on one accelerator); the stage's last run
-                      gets every core. For CPUs whose cores one run leaves partly idle
-                      (measured gains: docs/table1.md)
+                      gets every core. For CPUs whose cores one run leaves partly idle; on
+                      2 cores it measured no gain (docs/table1.md)
   --verbose           stream every run's output (default: into <root>/logs/, tail on failure)
   --config.F=V        passed to every python -m rkd_jax.main call (e.g. --config.train.epochs=4)
 
@@ -468,13 +468,12 @@ start_job() {  # NAME CMD...
 }
 
 dispatch() {  # PINNED: start the queued job in a free slot (1: on the slot's cores; 0: on all)
-  local cmd=$QUEUED pin=()
+  local cmd=$QUEUED
   QUEUED=""
   free_slot
   ((${#JOB_FAILED[@]} == 0)) || wait_jobs
-  (($1)) && pin=(taskset -c "${JOB_CPUS[SLOT]}")
   (
-    PIN=(${pin[@]+"${pin[@]}"})
+    if (($1)); then PIN=(taskset -c "${JOB_CPUS[SLOT]}"); fi
     eval "$cmd"
   ) &
   SLOT_PID[SLOT]=$!
@@ -492,13 +491,9 @@ train_run() {
   shift 3
   echo "run $stage $name (log: $ROOT/logs/${name//\//_}.log)"
   run_main "$stage" "$name" "$ROOT/logs/${name//\//_}.log" "$@" --workdir="$dir"
-  [[ $stage == sweep ]] || touch "$dir/.trained"
+  touch "$dir/.trained"
   archive_run "$dir"
-  if [[ $stage == sweep ]]; then
-    echo "done sweep $name in ${RUN_SECONDS}s"
-  else
-    echo "done $stage $name in ${RUN_SECONDS}s: $dir/results/"
-  fi
+  echo "done $stage $name in ${RUN_SECONDS}s: $dir/results/"
 }
 
 args_for() {  # RUN DATASET SEED [WEIGHTS] -> ARGS; WEIGHTS=chosen: the sweep's choice
