@@ -49,6 +49,11 @@ usage: launch.sh [options] [--config.FIELD=VALUE ...]
                       the distillation rows the sweep stage tunes (default: all of them:
                       distill vl_only channel_only logit_kd skd cwd ickd lite0_distill); a row
                       left out keeps its default weights
+  --rows "R ..."      train (and score) only these student rows in the training stages
+                      (default: all of them: student distill vl_only channel_only logit_kd
+                      skd cwd ickd lite0 lite0_distill, and b0 b0_distill with
+                      --efficientnet-b0); the teacher always trains, and the sweep tunes only
+                      the chosen rows unless --sweep-rows says otherwise
   --root DIR          run directory (default runs/table1; runs/table1_paper for --paper,
                       runs/table1_tiny for --setting tiny)
   --out DIR           where the report goes (default results; results/paper for --paper,
@@ -96,6 +101,7 @@ JOBS=1
 EXTRA=()
 SWEEP_ARG="unset"
 SWEEP_ROWS_ARG=""
+ROWS_ARG=""
 
 # Paths given on the command line are relative to the caller's directory.
 abspath() { realpath -m -- "$1"; }
@@ -116,6 +122,7 @@ while [[ $# -gt 0 ]]; do
     --seeds) need_value "$@"; SEEDS=$2; shift ;;
     --sweep-factors) [[ $# -ge 2 ]] || die "$1 needs a value"; SWEEP_ARG=$2; shift ;;
     --sweep-rows) need_value "$@"; SWEEP_ROWS_ARG=$2; shift ;;
+    --rows) need_value "$@"; ROWS_ARG=$2; shift ;;
     --root) need_value "$@"; ROOT=$(abspath "$2"); shift ;;
     --out) need_value "$@"; OUT=$(abspath "$2"); shift ;;
     --stages) need_value "$@"; STAGES_ARG=$2; shift ;;
@@ -224,8 +231,20 @@ read -r -a SWEEP_FACTORS <<<"$SWEEP_ARG"
 for f in "${SWEEP_FACTORS[@]}"; do
   [[ $f =~ ^[0-9]*\.?[0-9]+$ ]] || die "--sweep-factors: $f is not a positive number"
 done
+ALL_ROWS=(student distill vl_only channel_only logit_kd skd cwd ickd lite0 lite0_distill)
+[[ -n $EFFNET_B0 ]] && ALL_ROWS+=(b0 b0_distill)
+read -r -a ROWS <<<"${ROWS_ARG:-${ALL_ROWS[*]}}"
+for r in "${ROWS[@]}"; do
+  [[ " ${ALL_ROWS[*]} " == *" $r "* ]] || die "--rows: unknown row $r (valid: ${ALL_ROWS[*]})"
+done
 ALL_SWEEP_ROWS=(distill vl_only channel_only logit_kd skd cwd ickd lite0_distill)
-read -r -a SWEEP_ROWS <<<"${SWEEP_ROWS_ARG:-${ALL_SWEEP_ROWS[*]}}"
+if [[ -z $SWEEP_ROWS_ARG ]]; then  # the swept rows among the chosen ones
+  for r in "${ALL_SWEEP_ROWS[@]}"; do
+    [[ " ${ROWS[*]} " == *" $r "* ]] && SWEEP_ROWS_ARG+="$r "
+  done
+  [[ -n $SWEEP_ROWS_ARG ]] || SWEEP_ROWS_ARG=" "  # none of them: nothing to tune
+fi
+read -r -a SWEEP_ROWS <<<"$SWEEP_ROWS_ARG"
 for r in "${SWEEP_ROWS[@]}"; do
   [[ " ${ALL_SWEEP_ROWS[*]} " == *" $r "* ]] ||
     die "--sweep-rows: unknown row $r (valid: ${ALL_SWEEP_ROWS[*]})"
@@ -327,7 +346,16 @@ run_spec() {
   CFG=${CFG%:}
 }
 
+# stage_runs STAGE: the stage's runs among --rows (the teacher always).
 stage_runs() {
+  local r
+  for r in $(all_stage_runs "$1"); do
+    [[ $r == teacher || " ${ROWS[*]} " == *" $r "* ]] && echo "$r"
+  done
+  return 0
+}
+
+all_stage_runs() {
   case "$1" in
     teacher) echo teacher ;;
     student) echo student ;;
@@ -589,6 +617,8 @@ train_stage() {
   wait_jobs
   if [[ $stage == teacher ]]; then
     echo "stage teacher: results in $ROOT/<dataset>/teacher/results/"
+  elif [[ -z $(stage_runs "$stage") ]]; then
+    echo "stage $stage: none of its rows is among --rows (${ROWS[*]})"
   else
     echo "stage $stage: results in $ROOT/<dataset>/seed<k>/{$(stage_runs "$stage" | tr '\n' ' ' |
       sed 's/ $//; s/ /,/g')}/results/"
@@ -599,6 +629,10 @@ sweep_stage() {
   local ds row f dir name
   if ((${#SWEEP_FACTORS[@]} == 0)); then
     echo "stage sweep: no --sweep-factors: the table's runs use the default weights"
+    return
+  fi
+  if ((${#SWEEP_ROWS[@]} == 0)); then
+    echo "stage sweep: none of the swept rows is among --rows (${ROWS[*]})"
     return
   fi
   for ds in "${DATASETS[@]}"; do

@@ -249,6 +249,8 @@ def test_launch_rejects_bad_options(tmp_path):
     assert r.returncode == 2 and "positive integer" in r.stderr
     r = launch("--sweep-rows", "distill bogus")
     assert r.returncode == 2 and "--sweep-rows: unknown row bogus (valid: distill" in r.stderr
+    r = launch("--rows", "cwd bogus")
+    assert r.returncode == 2 and "--rows: unknown row bogus (valid: student distill" in r.stderr
     r = launch("--jobs", "two")
     assert r.returncode == 2 and "--jobs two: expected a positive integer" in r.stderr
     r = launch("--jobs", str(len(os.sched_getaffinity(0)) + 1))
@@ -257,14 +259,15 @@ def test_launch_rejects_bad_options(tmp_path):
 
 
 # A stand-in for the python launch.sh calls: `-m rkd_jax.main` writes the run's results after
-# FAKE_SECONDS (FAKE_FAIL: a workdir suffix that fails instead) and notes when it ran and on
-# which cores; every other call is the real interpreter.
+# FAKE_SECONDS (FAKE_FAIL: a workdir suffix that fails instead), its arguments (argv.txt) and
+# when it ran and on which cores; every other call is the real interpreter.
 FAKE_PYTHON = """#!/usr/bin/env bash
 if [[ "$1 $2" != "-m rkd_jax.main" ]]; then exec "$REAL_PYTHON" "$@"; fi
 for a in "$@"; do
   case "$a" in --workdir=*) dir=${a#*=} ;; --config.data.dataset=*) ds=${a#*=} ;; esac
 done
 mkdir -p "$dir/results"
+printf '%s\\n' "${@:3}" >"$dir/argv.txt"
 start=$(date +%s.%N)
 cores=$(taskset -pc $$ | sed 's/.*: //')
 if [[ -n $FAKE_FAIL && $dir == *"$FAKE_FAIL" ]]; then sleep 0.2; exit 3; fi
@@ -338,6 +341,86 @@ def test_launch_jobs_stop_after_a_failed_run(tmp_path):
     assert not (root / "refcoco" / "seed1").exists()
 
 
+def _resolved_config(run_dir: Path):
+    """The config `python -m rkd_jax.main` would run with the arguments the fake recorded."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    from rkd_jax import main
+
+    args = (run_dir / "argv.txt").read_text().splitlines()
+    argv = ["main"] + [a for a in args if a.startswith("--config")]
+    values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, flag_values=values, sys_argv=argv)
+    values["config"].parser = main._NamedConfigParser(values["config"].parser)
+    values(argv)
+    assert f"--workdir={run_dir}" in args
+    return values.config
+
+
+def test_launch_gives_every_row_its_config(tmp_path, monkeypatch):
+    """Every stage's runs (stand-in trainer): each row's resolved config, the one the real
+    trainer would read, has its method, loss weights, backbone and teacher."""
+    monkeypatch.chdir(ROOT)  # launch.sh names the configs relative to the repository
+    stages = "teacher student distill ablations baselines lite0"
+    r, root = _fake_launch(tmp_path, "--stages", stages, "--seeds", "1", FAKE_SECONDS="0")
+    assert r.returncode == 0, r.stdout + r.stderr
+    cfg = {
+        run: _resolved_config(
+            root / "refcoco" / ("teacher" if run == "teacher" else f"seed0/{run}")
+        )
+        for run in TINY_RUNS
+    }
+    for run, c in cfg.items():
+        assert c.seed == 0 and c.data.dataset == "refcoco", run
+        assert c.run.max_steps == 2 and tuple(c.data.eval_splits) == ("val",), run
+        distils = run not in ("teacher", "student", "lite0")
+        assert c.mode == ("distill" if distils else run.replace("lite0", "student")), run
+        assert c.get("teacher_checkpoint", "") == (str(root / "refcoco/teacher") if distils else "")
+        if run != "teacher":
+            lite = run.startswith("lite0")
+            assert c.student.backbone == ("efficientnet_lite0" if lite else "resnet18"), run
+    # Every distilling row builds the teacher the teacher run trained (its checkpoint loads).
+    for run in ("distill", "vl_only", "cwd", "ickd", "lite0_distill"):
+        assert cfg[run].teacher.to_dict() == cfg["teacher"].teacher.to_dict(), run
+    assert cfg["vl_only"].distill.lambda_channel == 0.0 < cfg["vl_only"].distill.lambda_vl
+    assert cfg["channel_only"].distill.lambda_vl == 0.0 < cfg["channel_only"].distill.lambda_channel
+    for run in ("distill", "lite0_distill"):
+        assert cfg[run].distill.lambda_vl > 0 and cfg[run].distill.lambda_channel > 0
+    for method in ("logit_kd", "skd", "cwd", "ickd"):
+        assert cfg[method].distill.method == method
+    assert cfg["distill"].distill.method == cfg["lite0_distill"].distill.method
+
+
+def test_launch_rows_trains_only_the_chosen_rows(tmp_path):
+    """--rows: the training stages train the teacher and the chosen rows only; the sweep tunes
+    only the chosen rows among the swept ones."""
+    r, root = _fake_launch(
+        tmp_path,
+        *("--rows", "cwd lite0", "--sweep-factors", "1 10", "--seeds", "1"),
+        *("--stages", "teacher sweep student distill ablations baselines lite0 eval"),
+        FAKE_SECONDS="0",
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    ran = sorted(str(p.parent.relative_to(root)) for p in root.glob("refcoco/**/argv.txt"))
+    assert ran == [
+        "refcoco/seed0/cwd",
+        "refcoco/seed0/lite0",
+        "refcoco/sweep/cwd_x1",
+        "refcoco/sweep/cwd_x10",
+        "refcoco/teacher",
+    ]
+    for stage in ("student", "distill", "ablations"):
+        assert f"stage {stage}: none of its rows is among --rows (cwd lite0)" in r.stdout
+    assert "stage baselines: results in" in r.stdout
+    assert "eval refcoco/seed0/skd" not in r.stdout  # the eval stage looks at the rows only
+    r, _ = _fake_launch(
+        tmp_path, "--rows", "student", "--sweep-factors", "1", "--stages", "sweep", FAKE_SECONDS="0"
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "stage sweep: none of the swept rows is among --rows (student)" in r.stdout
+
+
 def _cores(text: str) -> set[int]:
     """The cores taskset lists ("0-3,6")."""
     out = set()
@@ -386,9 +469,15 @@ def _launch_tiny(cmd: list[str], *extra: str, environ=os.environ):
     return r, time.perf_counter() - t0
 
 
+# The end-to-end test trains one row of each stage (every row's config is checked above with
+# the stand-in trainer): a run costs ~25 s of CPU, mostly compiling its training step.
+E2E_ROWS = ("student", "distill", "vl_only", "cwd", "lite0_distill")
+E2E_RUNS = ("teacher", *E2E_ROWS)
+
+
 def _tiny_cmd(root: Path, out: Path) -> list[str]:
     return ["bash", str(LAUNCH), "--setting", "tiny", "--seeds", "1"] + (
-        ["--root", str(root), "--out", str(out)]
+        ["--root", str(root), "--out", str(out), "--rows", " ".join(E2E_ROWS)]
     )
 
 
@@ -405,8 +494,8 @@ def _first_launch(base: Path, env: dict):
 
 @pytest.mark.slow
 def test_launch_tiny_runs_every_stage_then_skips_them(tmp_path):
-    """launch.sh --setting tiny --seeds 1: every stage end to end (2 steps per run, 8 val
-    sentences, refcoco), then a second invocation skips every stage, then `--stages "eval
+    """launch.sh --setting tiny --seeds 1 --rows (one row per stage): every stage end to end (2
+    steps per run, 8 val sentences, refcoco), then a second invocation skips every stage, then `--stages "eval
     report"` re-scores a run whose results file was deleted and regenerates the table."""
     # The first invocation ran in the background (conftest.background) while other tests ran.
     root, out, first_result = conftest.background_result("launch_tiny")
@@ -422,7 +511,7 @@ def test_launch_tiny_runs_every_stage_then_skips_them(tmp_path):
         return root / "refcoco" / ("teacher" if run == "teacher" else f"seed0/{run}")
 
     first = launch(result=first_result)
-    for run in TINY_RUNS:
+    for run in E2E_RUNS:
         d = run_dir(run)
         name = "refcoco/teacher" if run == "teacher" else f"refcoco/seed0/{run}"
         res = json.loads((d / "results" / "refcoco_val.json").read_text())
@@ -432,20 +521,15 @@ def test_launch_tiny_runs_every_stage_then_skips_them(tmp_path):
         assert cfg["seed"] == 0 and cfg["data"]["dataset"] == "refcoco"
         assert cfg["run"]["max_steps"] == 2
         assert not (d / "teacher").exists()  # the teacher run is reused, never retrained
-        if run not in ("teacher", "student", "lite0"):
+        if run not in ("teacher", "student"):
             assert cfg["mode"] == "distill"
             assert cfg["teacher_checkpoint"] == str(root / "refcoco" / "teacher")
-    cfg = {r: json.loads((run_dir(r) / "config.json").read_text()) for r in TINY_RUNS}
+    # The config each run wrote is the one launch.sh gave it (every row: see above).
+    cfg = {r: json.loads((run_dir(r) / "config.json").read_text()) for r in E2E_RUNS}
     assert cfg["vl_only"]["distill"]["lambda_channel"] == 0.0
-    assert cfg["channel_only"]["distill"]["lambda_vl"] == 0.0
-    assert [cfg[m]["distill"]["method"] for m in ("logit_kd", "skd", "cwd", "ickd")] == [
-        "logit_kd",
-        "skd",
-        "cwd",
-        "ickd",
-    ]
+    assert cfg["cwd"]["distill"]["method"] == "cwd"
     assert cfg["lite0_distill"]["student"]["backbone"] == "efficientnet_lite0"
-    assert cfg["lite0"]["mode"] == "student"
+    assert cfg["student"]["mode"] == "student"
     for stage in (
         "data",
         "teacher",
@@ -460,7 +544,9 @@ def test_launch_tiny_runs_every_stage_then_skips_them(tmp_path):
         assert f"stage {stage} finished" in first
     assert "skip eval refcoco/seed0/cwd: results exist" in first  # the runs just wrote them
     md = (out / "table1.md").read_text()
-    assert _row(md, "student + ICKD", "mIoU (%), network resolution")[0].endswith("(n=1)")
+    assert _row(md, "student + CWD", "mIoU (%), network resolution")[0].endswith("(n=1)")
+    # ICKD is not among --rows here: its cell counts the missing seed.
+    assert _row(md, "student + ICKD", "mIoU (%), network resolution")[0] == "— (n=0 of 1)"
     assert (out / "table1_miou.png").stat().st_size > 0
     # The report draws every row's val curve from the runs' metrics.jsonl.
     assert (out / "table1_curves.png").stat().st_size > 0
@@ -471,18 +557,20 @@ def test_launch_tiny_runs_every_stage_then_skips_them(tmp_path):
     assert list((root / "text_cache" / "teacher_targets").glob("*-names.npy"))
     assert json.loads((out / "model_report_tiny.json").read_text())[0]["params_M"] > 0
     ckpts = _checkpoints(root)
-    assert len(ckpts) == len(TINY_RUNS)
+    assert len(ckpts) == len(E2E_RUNS)
     # Frozen text features: computed once per encoder (teacher, ResNet-18 student, Lite0
     # student), read by every later run.
     assert len(list((root / "text_cache").glob("*.npy"))) == 3
-    for run in ("distill", "cwd", "lite0_distill"):
+    for run in ("distill", "cwd"):
         log = (root / "logs" / f"refcoco_seed0_{run}.log").read_text()
         assert "(2 of 2 tables from" in log, run
+    log = (root / "logs" / "refcoco_seed0_lite0_distill.log").read_text()
+    assert "(1 of 2 tables from" in log  # the teacher's; the Lite0 student's is its own
 
     second = launch()
     assert not re.search(r"^run ", second, re.MULTILINE), second
     assert "skip data refcoco: results exist" in second
-    for run in TINY_RUNS:
+    for run in E2E_RUNS:
         name = "refcoco/teacher" if run == "teacher" else f"refcoco/seed0/{run}"
         line = rf"^skip \w+ {name}: results exist$"
         assert re.search(line, second, re.MULTILINE), run
@@ -517,7 +605,7 @@ def test_launch_tiny_runs_every_stage_then_skips_them(tmp_path):
     fourth = launch()
     # (the report may be redrawn: the fresh root's launch.json is newer than the table)
     assert not re.search(r"^run (?!report)", fourth, re.MULTILINE), fourth
-    for run in TINY_RUNS:
+    for run in E2E_RUNS:
         name = "refcoco/teacher" if run == "teacher" else f"refcoco/seed0/{run}"
         assert re.search(rf"^skip \w+ {name}: results exist$", fourth, re.MULTILINE), run
 
