@@ -55,6 +55,8 @@ def train_config(**overrides) -> ml_collections.ConfigDict:
     t.warmup_steps = 0  # linear warm-up steps (0 = none)
     t.weight_decay = 0.01  # AdamW decoupled weight decay (not on biases, norms, embeddings)
     t.grad_clip_norm = 0.0  # clip gradients to this global norm (0 = off)
+    # Beyond the paper: the image backbone's lr is lr * backbone_lr_mult (1 = the same).
+    t.backbone_lr_mult = 1.0
     t.update(overrides)
     return t
 

@@ -112,6 +112,7 @@ def _check_schedule(get, name: str) -> None:
     _int_at_least(get, f"{name}.warmup_steps", 0)
     _float_in(get, f"{name}.weight_decay", 0.0)
     _float_in(get, f"{name}.grad_clip_norm", 0.0)
+    _float_in(get, f"{name}.backbone_lr_mult", 0.0, open_low=True)
 
 
 def _check_data(get) -> None:

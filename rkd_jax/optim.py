@@ -10,6 +10,10 @@ The paper (Section IV-A) trains with AdamW, learning rate 2e-5 divided by 10 aft
   `lr_decay_epochs`; the boundaries are optimizer steps, `epoch * steps_per_epoch`.
 - optional linear warmup over `warmup_steps` (0 = none) and gradient clipping by global norm
   `grad_clip_norm` (0 = off).
+- optionally a smaller learning rate for the image backbone, `backbone_lr_mult` (1 = the
+  same as the rest; beyond the paper): the usual way to fine-tune an ImageNet-pretrained
+  backbone under freshly initialised fusion and decoder layers. Its updates, weight decay
+  included, are scaled, so the backbone trains exactly as AdamW at lr * backbone_lr_mult.
 - no weight decay on biases, normalisation scales/offsets and embeddings (`decay_mask`).
 - optionally frozen sub-trees (e.g. a frozen text encoder): zero updates, no optimizer state.
 """
@@ -155,18 +159,22 @@ def make_optimizer(
     train_cfg: Any,
     steps_per_epoch: int,
     frozen: PathPredicate | Sequence[str] | None = None,
+    backbone: PathPredicate | Sequence[str] | None = ("visual",),
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """AdamW + step decay (+ warmup, clipping, frozen sub-trees) from `config.train`.
 
     Args:
       train_cfg: `config.train` with `lr`, `weight_decay` (both required), and optionally
         `lr_decay_epochs` (default ()), `lr_decay_factor` (0.1), `warmup_steps` (0),
-        `grad_clip_norm` (0 = off).
+        `grad_clip_norm` (0 = off), `backbone_lr_mult` (1).
       steps_per_epoch: optimizer steps per epoch (dataset size // global batch), used to turn
         the decay epochs into steps.
       frozen: parameters that must not train (see `frozen_mask`): they get exactly zero
         updates from `optax.set_to_zero` and keep no Adam moments. Their gradients are still
         computed unless the model stops them; the clipping norm covers only trainable ones.
+      backbone: the parameters `backbone_lr_mult` applies to, as `frozen` (default: the
+        segmenter's image backbone, params['visual']). With a multiplier of 1 no extra
+        transformation is added, so the optimizer state is the plain AdamW one.
 
     Returns:
       (tx, schedule): the transformation and the learning-rate schedule (for logging:
@@ -179,6 +187,9 @@ def make_optimizer(
         raise ValueError(f"config.train.weight_decay={weight_decay}: expected >= 0")
     if clip < 0:
         raise ValueError(f"config.train.grad_clip_norm={clip}: expected >= 0 (0 = off)")
+    mult = _get(train_cfg, "backbone_lr_mult", 1.0)
+    if not isinstance(mult, numbers.Real) or not 0 < mult <= 1e3:
+        raise ValueError(f"config.train.backbone_lr_mult={mult!r}: expected a number > 0")
     parts = []
     if clip > 0:
         parts.append(optax.clip_by_global_norm(clip))
@@ -192,6 +203,16 @@ def make_optimizer(
             mask=decay_mask,
         )
     )
+    if float(mult) != 1.0:
+        in_backbone = _frozen_predicate(backbone)
+        parts.append(
+            optax.masked(
+                optax.scale(float(mult)),
+                lambda params: jax.tree_util.tree_map_with_path(
+                    lambda path, _: bool(in_backbone(path)), params
+                ),
+            )
+        )
     tx = optax.chain(*parts)
     if frozen is None:
         return tx, schedule

@@ -249,3 +249,44 @@ def test_adamw_matches_torch_adamw():
         params = optax.apply_updates(params, updates)
     np.testing.assert_allclose(params["dense"]["kernel"], k.detach().numpy(), rtol=2e-5, atol=1e-6)
     np.testing.assert_allclose(params["dense"]["bias"], b.detach().numpy(), rtol=2e-5, atol=1e-6)
+
+
+def test_backbone_lr_mult_trains_the_backbone_as_adamw_at_the_smaller_lr():
+    r = np.random.default_rng(3)
+    params = {
+        "visual": {"conv": {"kernel": jnp.asarray(r.normal(size=(3, 3)), jnp.float32)}},
+        "decoder": {"conv": {"kernel": jnp.asarray(r.normal(size=(3, 3)), jnp.float32)}},
+    }
+    grads = [
+        jax.tree.map(lambda p: jnp.asarray(r.normal(size=p.shape), p.dtype), params)
+        for _ in range(3)
+    ]
+
+    def run(cfg):
+        tx, _ = optim.make_optimizer(cfg, steps_per_epoch=1)
+        p, state = params, tx.init(params)
+        for g in grads:
+            updates, state = tx.update(g, state, p)
+            p = optax.apply_updates(p, updates)
+        return p, state
+
+    scaled, _ = run(train_cfg(backbone_lr_mult=0.1))
+    plain, plain_state = run(train_cfg())
+    small_lr, _ = run(train_cfg(lr=0.01, backbone_lr_mult=1.0))
+    # The backbone moves as AdamW at lr * 0.1 (weight decay included), the decoder at lr.
+    np.testing.assert_allclose(
+        scaled["visual"]["conv"]["kernel"], small_lr["visual"]["conv"]["kernel"], rtol=1e-6
+    )
+    np.testing.assert_allclose(
+        scaled["decoder"]["conv"]["kernel"], plain["decoder"]["conv"]["kernel"], rtol=1e-6
+    )
+    assert not np.allclose(scaled["visual"]["conv"]["kernel"], plain["visual"]["conv"]["kernel"])
+    # A multiplier of 1 adds nothing to the state: checkpoints from before still restore.
+    _, one_state = run(train_cfg(backbone_lr_mult=1.0))
+    adamw = optax.chain(
+        optax.adamw(optax.constant_schedule(0.1), weight_decay=0.01, mask=optim.decay_mask)
+    )
+    assert jax.tree.structure(one_state) == jax.tree.structure(adamw.init(params))
+    assert jax.tree.structure(plain_state) == jax.tree.structure(adamw.init(params))
+    with pytest.raises(ValueError, match="backbone_lr_mult=0"):
+        optim.make_optimizer(train_cfg(backbone_lr_mult=0), steps_per_epoch=1)

@@ -671,6 +671,7 @@ def _schedule(t: dict, run: dict) -> list[list]:
         ["learning-rate decay", decay],
         ["warm-up steps", t.get("warmup_steps", 0)],
         ["gradient clipping", t.get("grad_clip_norm") or "off"],
+        ["backbone learning rate", f"x{t.get('backbone_lr_mult', 1.0)} of lr"],
         ["batch size", t.get("batch_size")],
         ["epochs", t.get("epochs")],
     ]
