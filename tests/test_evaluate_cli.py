@@ -33,6 +33,27 @@ def lasting(payload: dict) -> dict:
     return {k: v for k, v in payload.items() if k not in VOLATILE}
 
 
+def assert_same_scores(got: dict, want: dict) -> None:
+    """Two scorings of one checkpoint on one split: every field but the clock equal, and the
+    metrics equal up to pixels at the threshold. The tiny run trained and scored on one CPU
+    device; these evaluations run on the session's 8 fake devices, where XLA compiles the model
+    for a slice of the batch and may sum in another order; the 6-step model has margins within
+    ~1e-6 of the threshold, so a pixel may flip (measured on an AVX-512 EPYC: original-resolution
+    mIoU 0.01706191 against 0.01706166, 2.5e-7; other CPUs gave equal scores). Sentence counts
+    agree exactly, every score within 1e-4 (one sentence scored wrongly moves mIoU by its IoU /
+    16)."""
+    got, want = lasting(got), lasting(want)
+    assert {k: v for k, v in got.items() if k != "metrics"} == {
+        k: v for k, v in want.items() if k != "metrics"
+    }
+    assert sorted(got["metrics"]) == sorted(want["metrics"])
+    for key in ("network", "original"):
+        assert got["metrics"][key]["num_sentences"] == want["metrics"][key]["num_sentences"]
+        assert got["metrics"][key] == pytest.approx(want["metrics"][key], abs=1e-4), key
+    for family, scores in want["metrics"].get("families", {}).items():
+        assert got["metrics"]["families"][family] == pytest.approx(scores, abs=1e-4), family
+
+
 def copy_best_checkpoint(run: Path, dest: Path) -> tuple[Path, int]:
     """A new run directory holding only the best checkpoint of `run` -> (dest, step)."""
     _, step = ckpt_lib.find_checkpoint(run)
@@ -57,7 +78,7 @@ def test_evaluate_command_equals_the_training_results(tiny_run, tmp_path, capsys
     _, best = ckpt_lib.find_checkpoint(tiny_run)
     for split in SPLITS:
         want = saved(tiny_run, split)
-        assert lasting(got[split]) == lasting(want), split
+        assert_same_scores(got[split], want)
         # Paths are relative to the run directory, never this machine's absolute ones.
         assert want["checkpoint"] == f"checkpoints/{best}"
         assert (tiny_run / want["checkpoint"] / "state").is_dir()
@@ -83,7 +104,7 @@ def test_main_eval_mode_and_a_step_directory_score_the_same(tiny_run, tmp_path):
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert sorted(p.name for p in (run / "results").iterdir()) == ["refcoco_val.json"]
-    assert lasting(saved(run, "val")) == lasting(saved(tiny_run, "val"))
+    assert_same_scores(saved(run, "val"), saved(tiny_run, "val"))
 
     # An explicit step directory scores into results/step<N>/, beside the run's best results.
     assert (
@@ -91,7 +112,7 @@ def test_main_eval_mode_and_a_step_directory_score_the_same(tiny_run, tmp_path):
         == 0
     )
     written = json.loads((run / "results" / f"step{step}" / "refcoco_val.json").read_text())
-    assert lasting(written) == lasting(saved(tiny_run, "val"))
+    assert_same_scores(written, saved(tiny_run, "val"))
 
 
 def test_a_conflicting_model_setting_is_refused(tiny_run, tmp_path, capsys):
@@ -166,7 +187,8 @@ def test_refer_root_with_images_apart_and_a_missing_split(tiny_run, tmp_path, ca
     # the embedded data, whose generator knows them).
     want = saved(tiny_run, "val")["metrics"]
     for resolution in ("network", "original"):
-        assert got["metrics"][resolution] == want[resolution]
+        assert got["metrics"][resolution]["num_sentences"] == want[resolution]["num_sentences"]
+        assert got["metrics"][resolution] == pytest.approx(want[resolution], abs=1e-4)
     assert got["protocol"]["data_root"] == str(root)
     assert not os.path.isabs(got["checkpoint"])
 
