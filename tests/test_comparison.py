@@ -84,6 +84,13 @@ def test_distill_job_trains_student_alone_and_compares(tiny_run, tmp_path):
     alone = json.loads((tmp_path / "student_alone" / "config.json").read_text())
     assert alone["mode"] == "student" and alone["student_alone"] is False
     assert (tmp_path / "student_alone" / "results" / "refcoco_val.json").exists()
+    # Student mode: no teacher is trained or read, no distillation term is logged.
+    log = [json.loads(line) for line in (tmp_path / "student_alone" / "metrics.jsonl").open()]
+    assert log[-1]["step"] == 2 and "loss_seg" in log[-1]
+    assert not {"loss_vl", "loss_channel"} & set().union(*log)
+    assert not (tmp_path / "student_alone" / "teacher").exists()
+    distilled = [json.loads(line) for line in (tmp_path / "metrics.jsonl").open()]
+    assert {"loss_vl", "loss_channel"} <= set(distilled[-1])
     record = json.loads((tmp_path / "results" / "comparison.json").read_text())
     assert record["runs"]["teacher"] == str(tiny_run / "teacher")
     val = record["splits"]["val"]

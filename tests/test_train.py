@@ -345,17 +345,6 @@ def test_entry_point_all_modes_and_results(tiny_run):
     assert list((tiny_run / "tensorboard").iterdir())
 
 
-def test_student_mode_two_steps(tmp_path):
-    config = tiny_config(max_steps=2, max_eval_examples=8)
-    config.mode = "student"
-    config.data.eval_splits = ("val",)
-    results = train.train_and_evaluate(config, tmp_path)
-    assert set(results) == {"val"}
-    log = [json.loads(line) for line in (tmp_path / "metrics.jsonl").open()]
-    assert log[-1]["step"] == 2 and "loss_vl" not in log[-1]
-    assert not (tmp_path / "teacher").exists()
-
-
 def test_teacher_checkpoint_of_another_architecture_is_refused(tiny_run, tmp_path):
     config = tiny_config()
     config.teacher_checkpoint = str(tiny_run)  # the student run, not a teacher
