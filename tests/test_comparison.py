@@ -79,7 +79,8 @@ def test_distill_job_trains_student_alone_and_compares(tiny_run, tmp_path):
     config.student_alone = True
     config.teacher_checkpoint = str(tiny_run / "teacher")
     config.data.eval_splits = ("val",)
-    train.train_and_evaluate(config, tmp_path)
+    results = train.train_and_evaluate(config, tmp_path)
+    assert set(results) == {"val"}
 
     alone = json.loads((tmp_path / "student_alone" / "config.json").read_text())
     assert alone["mode"] == "student" and alone["student_alone"] is False

@@ -47,11 +47,16 @@ def assert_same_scores(got: dict, want: dict) -> None:
         k: v for k, v in want.items() if k != "metrics"
     }
     assert sorted(got["metrics"]) == sorted(want["metrics"])
+    assert_same_metrics(got["metrics"], want["metrics"])
+
+
+def assert_same_metrics(got: dict, want: dict) -> None:
+    """Both resolutions (and the families `want` has): counts exact, scores within 1e-4."""
     for key in ("network", "original"):
-        assert got["metrics"][key]["num_sentences"] == want["metrics"][key]["num_sentences"]
-        assert got["metrics"][key] == pytest.approx(want["metrics"][key], abs=1e-4), key
-    for family, scores in want["metrics"].get("families", {}).items():
-        assert got["metrics"]["families"][family] == pytest.approx(scores, abs=1e-4), family
+        assert got[key]["num_sentences"] == want[key]["num_sentences"], key
+        assert got[key] == pytest.approx(want[key], abs=1e-4), key
+    for family, scores in want.get("families", {}).items():
+        assert got["families"][family] == pytest.approx(scores, abs=1e-4), family
 
 
 def copy_best_checkpoint(run: Path, dest: Path) -> tuple[Path, int]:
@@ -186,9 +191,7 @@ def test_refer_root_with_images_apart_and_a_missing_split(tiny_run, tmp_path, ca
     # The same sentences, images and model: the same scores (expression families exist only for
     # the embedded data, whose generator knows them).
     want = saved(tiny_run, "val")["metrics"]
-    for resolution in ("network", "original"):
-        assert got["metrics"][resolution]["num_sentences"] == want[resolution]["num_sentences"]
-        assert got["metrics"][resolution] == pytest.approx(want[resolution], abs=1e-4)
+    assert_same_metrics(got["metrics"], {k: want[k] for k in ("network", "original")})
     assert got["protocol"]["data_root"] == str(root)
     assert not os.path.isabs(got["checkpoint"])
 
