@@ -8,7 +8,8 @@ Reads `<root>/<dataset>/seed<k>/<run>/results/<dataset>_<split>.json` (written b
 run, written by launch.sh) and `<out>/model_report_*.json` (python -m rkd_jax.report --json).
 Every cell is the mean +- sample standard deviation (ddof=1) over seeds, in percent, with the
 number of seeds n; a seed whose results file is missing is never dropped from the count: the
-cell then reads "n=2 of 3".
+cell then reads "n=2 of 3". Where the results files score expression families (the embedded
+data), a section gives each row's mean mIoU per family and split.
 """
 
 from __future__ import annotations
@@ -171,6 +172,14 @@ def collect(root: Path) -> Collected:
                         raise TableError(
                             f"{f}: lacks metrics.{resolution}.{name} (expected a results "
                             "file of python -m rkd_jax.main)"
+                        ) from None
+                for fam, m in (metrics.get("families") or {}).items():
+                    try:
+                        float(m["mIoU"]), int(m["num_sentences"])
+                    except (KeyError, TypeError, ValueError):
+                        raise TableError(
+                            f"{f}: metrics.families.{fam} lacks mIoU or num_sentences (expected "
+                            "a results file of python -m rkd_jax.main)"
                         ) from None
                 out.metrics[(run, ds_dir.name, split, seed)] = metrics
                 out.columns_found.add((ds_dir.name, split))
@@ -840,6 +849,69 @@ def _section_times(r: _Report) -> list[str]:
     return lines + _md_table(["stage", "runs", "failed", "minutes"], times)
 
 
+# How the report names the embedded data's expression families (the rest: "_" -> " ").
+FAMILY_LABELS = {"colour_shape": "colour + shape"}
+
+
+def family_stats(r: _Report) -> dict[tuple[str, str], dict[str, dict]]:
+    """Per (dataset, split) with expression families (the embedded data's results files):
+    {family: {"sentences": count, "rows": {run: Stat of its mIoU % at network resolution}}}."""
+    found: dict[tuple[str, str], dict[str, dict]] = {}
+    for col in r.columns:
+        ds, split = col
+        fams: dict[str, dict] = {}
+        for (run, d, sp, _), metrics in sorted(r.c.metrics.items(), key=lambda kv: str(kv[0])):
+            if (d, sp) == col:
+                for fam, m in (metrics.get("families") or {}).items():
+                    fams.setdefault(fam, {"sentences": int(m["num_sentences"]), "rows": {}})
+        for fam in sorted(fams):
+            for run, _ in r.rows:
+                seeds = [SHARED] if run in r.c.shared_runs else r.seeds
+                values = {
+                    k: 100.0 * float(r.c.metrics[(run, ds, split, k)]["families"][fam]["mIoU"])
+                    for k in seeds
+                    if fam in (r.c.metrics.get((run, ds, split, k), {}).get("families") or {})
+                }
+                if values:
+                    fams[fam]["rows"][run] = Stat.of(values, len(seeds))
+        if fams:
+            found[col] = {f: fams[f] for f in sorted(fams)}
+    return found
+
+
+def _family_cell(s: Stat | None) -> str:
+    """The seed mean to one decimal ('n=2 of 3' when seeds are missing)."""
+    if s is None:
+        return "—"
+    return f"{s.mean:.1f}" + ("" if s.n == s.expected else f" (n={s.n} of {s.expected})")
+
+
+def _section_families(r: _Report, fams: dict) -> list[str]:
+    if not fams:
+        return []
+    lines = [
+        "",
+        "## Per expression family (mIoU %, network resolution, mean over seeds)",
+        "",
+        (
+            "The embedded data's generator names each sentence's family; every results file "
+            "scores them apart (`metrics.families`). Column heads give the family's sentences."
+        ),
+    ]
+    for (ds, split), by_fam in fams.items():
+        header = [
+            f"{FAMILY_LABELS.get(f, f.replace('_', ' '))} ({v['sentences']})"
+            for f, v in by_fam.items()
+        ]
+        body = [
+            [label] + [_family_cell(v["rows"].get(run)) for v in by_fam.values()]
+            for run, label in r.rows
+            if any(run in v["rows"] for v in by_fam.values())
+        ]
+        lines += ["", f"### {ds} {split}", "", *_md_table(["model", *header], body)]
+    return lines
+
+
 def _section_curves(r: _Report, curves: dict) -> list[str]:
     if not curves:
         return []
@@ -908,11 +980,13 @@ def build(
     out.mkdir(parents=True, exist_ok=True)
     curves = mean_curves(root, r.rows, r.datasets(), r.seeds)
     gains, margin = _section_gains(r)
+    fams = family_stats(r)
     lines = [
         *_section_intro(r),
         *_section_paper(r),
         *gains,
         *_section_other_metrics(r),
+        *_section_families(r, fams),
         *_section_hyperparameters(r),
         *_section_model_report(r),
         *_section_protocol(r),
@@ -948,6 +1022,16 @@ def build(
             if ref == "student"
         },
         "curves": {f"{run}/{ds}": v for (run, ds), v in curves.items()},
+        "families": {
+            _column_name(col): {
+                fam: {
+                    "sentences": v["sentences"],
+                    "mIoU_network": {run: dataclasses.asdict(st) for run, st in v["rows"].items()},
+                }
+                for fam, v in by_fam.items()
+            }
+            for col, by_fam in fams.items()
+        },
         "paper": {k: {_column_name(c): v for c, v in t.items()} for k, t in PAPER_TABLE1.items()},
     }
     (out / "table1.json").write_text(json.dumps(payload, indent=2) + "\n")

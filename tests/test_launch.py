@@ -25,8 +25,10 @@ def _results(
     miou_orig: float,
     oiou_net: float,
     oiou_orig: float,
+    families: dict[str, tuple[float, int]] | None = None,
 ) -> None:
-    """A results file shaped like the ones python -m rkd_jax.main writes."""
+    """A results file shaped like the ones python -m rkd_jax.main writes; `families`: family
+    -> (mIoU, sentences)."""
 
     def block(miou, oiou):
         return {"mIoU": miou, "oIoU": oiou, "P@0.5": 0.0, "P@0.9": 0.0, "num_sentences": 40}
@@ -47,6 +49,10 @@ def _results(
         },
         "role": "student",
     }
+    if families is not None:
+        payload["metrics"]["families"] = {
+            fam: {"mIoU": m, "oIoU": m, "num_sentences": n} for fam, (m, n) in families.items()
+        }
     (run_dir / "results").mkdir(parents=True, exist_ok=True)
     (run_dir / "results" / f"{dataset}_{split}.json").write_text(json.dumps(payload))
 
@@ -217,6 +223,43 @@ def test_table_shared_teacher_pairs_with_every_seed(tmp_path):
     assert _row(md, "teacher − student (the margin)", gains)[0] == "+12.00 ± 7.21 (n=3)"
     assert _row(md, "student + L_VL + L_C (the paper)", gains)[0] == "+6.00 ± 1.00 (n=3)"
     assert "Every row's runs share one configuration apart from the seed." in md
+
+
+def test_table_per_family_means_from_a_hand_built_set(tmp_path):
+    """The per-family section: seed means of each family's mIoU per row, the family's
+    sentence count in its head, missing seeds counted, malformed families named by file."""
+    root, out = tmp_path / "runs", tmp_path / "out"
+    fam = lambda col, loc: {"colour_shape": (col, 7), "location": (loc, 5)}
+    _results(root / "refcoco/teacher", "refcoco", "val", 0.6, 0.6, 0.6, 0.6, fam(0.9, 0.5))
+    for k, (col, loc) in {0: (0.8, 0.2), 1: (0.7, 0.3)}.items():
+        _results(
+            root / f"refcoco/seed{k}/student", "refcoco", "val", 0.5, 0.5, 0.5, 0.5, fam(col, loc)
+        )
+    _results(
+        root / "refcoco/seed0/distill", "refcoco", "val", 0.5, 0.5, 0.5, 0.5, {"location": (0.4, 5)}
+    )
+    _results(root / "refcoco/seed1/distill", "refcoco", "val", 0.5, 0.5, 0.5, 0.5)
+    (root / "launch.json").write_text(json.dumps({"setting": "miniature", "seeds": 2}))
+    table.build(root, out, datasets=["refcoco"], splits=["val"])
+    md = (out / "table1.md").read_text()
+    fams = "Per expression family"
+    head = md.split(f"## {fams}", 1)[1].split("### refcoco val", 1)[1].strip().splitlines()[0]
+    assert head == "| model | colour + shape (7) | location (5) |"
+    assert _row(md, "teacher", fams) == ["90.0", "50.0"]
+    assert _row(md, "student (no distillation)", fams) == ["75.0", "25.0"]
+    assert _row(md, "student + L_VL + L_C (the paper)", fams) == ["—", "40.0 (n=1 of 2)"]
+    with pytest.raises(AssertionError):
+        _row(md, "student + CWD", fams)  # rows without family scores are left out
+    data = json.loads((out / "table1.json").read_text())["families"]["refcoco val"]
+    assert data["location"]["sentences"] == 5
+    assert data["location"]["mIoU_network"]["student"]["mean"] == pytest.approx(25.0)
+
+    bad = root / "refcoco/seed1/distill/results/refcoco_val.json"
+    payload = json.loads(bad.read_text())
+    payload["metrics"]["families"] = {"size": {"mIoU": 0.5}}
+    bad.write_text(json.dumps(payload))
+    with pytest.raises(table.TableError, match=r"refcoco_val.json: metrics.families.size lacks"):
+        table.build(root, out)
 
 
 def test_table_bad_input_names_the_file(tmp_path, capsys):
