@@ -547,16 +547,24 @@ args_for() {  # RUN DATASET SEED [WEIGHTS] -> ARGS; WEIGHTS=chosen: the sweep's 
 # results may be archived while the checkpoint is gone: retrain it, same seed, same config).
 ensure_teacher() {
   local tdir="$ROOT/$1/teacher"
-  has_checkpoint "$tdir" && return 0
-  results_complete "$tdir" "$1" ||
-    { echo "launch.sh: FAILED: $1 runs need the trained teacher $tdir (run the teacher stage" \
-        "first)" >&2; exit 1; }
-  echo "run teacher $1/teacher again: its results are archived but its checkpoint is not here"
+  # Trained: its checkpoint and its own results (written when its schedule ends). A teacher
+  # killed mid-schedule has checkpoints but no results: it resumes to its end here, so that
+  # no student ever distils a half-trained teacher.
+  has_checkpoint "$tdir" && [[ -f $tdir/results/${1}_val.json ]] && return 0
+  if has_checkpoint "$tdir"; then
+    echo "run teacher $1/teacher to its end: it has checkpoints but no results (stopped early)"
+  else
+    results_complete "$tdir" "$1" ||
+      { echo "launch.sh: FAILED: $1 runs need the trained teacher $tdir (run the teacher" \
+          "stage first)" >&2; exit 1; }
+    echo "run teacher $1/teacher again: its results are archived but its checkpoint is not here"
+  fi
   args_for teacher "$1" 0
   run_main teacher "$1/teacher" "$ROOT/logs/${1}_teacher.log" "${ARGS[@]}" --workdir="$tdir"
   # Same seed and config, but another machine or code version may sum in another order: say
   # how far the retrained teacher (the one the later runs distil) is from the archived one.
-  "$PY" - "$tdir/results/${1}_val.json" "$ARCHIVE/$1/teacher/results/${1}_val.json" <<'PYEOF' || true
+  [[ -f $ARCHIVE/$1/teacher/results/${1}_val.json ]] &&
+    "$PY" - "$tdir/results/${1}_val.json" "$ARCHIVE/$1/teacher/results/${1}_val.json" <<'PYEOF' || true
 import json, sys
 new, old = (100 * json.load(open(f))["metrics"]["network"]["mIoU"] for f in sys.argv[1:3])
 print(f"teacher retrained: val mIoU {new:.2f} (the archived run: {old:.2f}; the table reports the archived one)")

@@ -302,6 +302,9 @@ def hyperparameters(cfg: dict) -> list[str]:
     lr = f"{sched.get('lr', '?')}"
     if decay:
         lr += f", x{sched.get('lr_decay_factor', '?')} at epoch {', '.join(map(str, decay))}"
+    mult = sched.get("backbone_lr_mult", 1.0)
+    if mult != 1.0:
+        lr += f"; backbone x{mult:g}"
     lr += f"; wd {sched.get('weight_decay', '?')}"
     epochs = f"{sched.get('epochs', '?')}"
     max_steps = cfg.get("run", {}).get("max_steps", -1)

@@ -94,7 +94,16 @@ def fake_root(tmp_path):
         d = root / "refcoco" / f"seed{k}" / "distill"
         _results(d, "refcoco", "val", v, v, v, v)
         # seed 2 ran with another learning rate: the table must say so.
-        _config(d, "distill", seed=k, **{"train.epochs": 7, "train.lr": 0.002 if k == 2 else 0.001})
+        _config(
+            d,
+            "distill",
+            seed=k,
+            **{
+                "train.epochs": 7,
+                "train.lr": 0.002 if k == 2 else 0.001,
+                "train.backbone_lr_mult": 0.3,
+            },
+        )
     _results(root / "refcoco/seed0/my_extra_run", "refcoco", "val", 0.3, 0.3, 0.3, 0.3)
     (root / "launch.json").write_text(json.dumps({"setting": "miniature", "seeds": 3}))
     (root / "stage_times.tsv").write_text(
@@ -172,6 +181,8 @@ def test_table_means_stds_and_missing_seeds(fake_root, tmp_path, monkeypatch):
 
     hp = _row(md, "student + L_VL + L_C (the paper)", "Hyper-parameters")
     assert hp[0] == "distill" and hp[2] == "7" and "0.5 L_VL + 0.5 L_C" in hp[5]
+    assert "; backbone x0.3;" in hp[3]
+    assert "backbone" not in _row(md, "student (no distillation)", "Hyper-parameters")[3]
     assert "differs between its runs: train.lr (0.001, 0.002)" in md
     assert (
         "resnet18 width 12 blocks [1, 1, 1, 1]"
@@ -301,6 +312,21 @@ def test_launch_rejects_bad_options(tmp_path):
     assert not (tmp_path / "r").exists()  # nothing written before the error
 
 
+def test_launch_resumes_a_teacher_stopped_early_before_any_student_distils_it(tmp_path):
+    """A teacher killed mid-schedule (checkpoints, no results) is trained to its end first."""
+    r, root = _fake_launch(
+        tmp_path,
+        *("--stages", "distill", "--rows", "distill", "--sweep-factors", ""),
+        FAKE_SECONDS="0",
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "run teacher refcoco/teacher to its end" in r.stdout
+    teacher = json.loads((root / "refcoco/teacher/ran.json").read_text())
+    student = json.loads((root / "refcoco/seed0/distill/ran.json").read_text())
+    assert teacher["end"] <= student["start"]
+    assert (root / "refcoco/teacher/results/refcoco_val.json").is_file()
+
+
 # A stand-in for the python launch.sh calls: `-m rkd_jax.main` writes the run's results after
 # FAKE_SECONDS (FAKE_FAIL: a workdir suffix that fails instead), its arguments (argv.txt) and
 # when it ran and on which cores; every other call is the real interpreter.
@@ -320,12 +346,16 @@ echo '{"metrics": {"network": {"mIoU": 0.5}}}' >"$dir/results/${ds}_val.json"
 """
 
 
-def _fake_launch(tmp_path: Path, *args: str, **env: str):
+def _fake_launch(tmp_path: Path, *args: str, teacher_finished: bool = False, **env: str):
     fake = tmp_path / "python"
     fake.write_text(FAKE_PYTHON)
     fake.chmod(0o755)
     root = tmp_path / "runs"
+    # The teacher's checkpoints of a run killed before its end (no results).
     (root / "refcoco" / "teacher" / "checkpoints" / "2").mkdir(parents=True, exist_ok=True)
+    if teacher_finished:  # its results too: a teacher that ran to its end
+        (root / "refcoco" / "teacher" / "results").mkdir()
+        (root / "refcoco" / "teacher" / "results" / "refcoco_val.json").write_text("{}")
     out = tmp_path / "out"
     cmd = ["bash", str(LAUNCH), "--setting", "tiny", "--root", str(root), "--out", str(out)]
     environ = dict(os.environ, PYTHON=str(fake), REAL_PYTHON=sys.executable, **env)
@@ -340,7 +370,10 @@ def test_launch_jobs_run_side_by_side_on_their_own_cores(tmp_path):
     """--jobs 2: a stage's runs train two at a time, each pinned to its half of the cores but
     the last."""
     r, root = _fake_launch(
-        tmp_path, "--stages", "ablations", "--seeds", "2", "--jobs", "2", FAKE_SECONDS="1.5"
+        tmp_path,
+        *("--stages", "ablations", "--seeds", "2", "--jobs", "2"),
+        teacher_finished=True,
+        FAKE_SECONDS="1.5",
     )
     assert r.returncode == 0, r.stdout + r.stderr
     runs = [f"seed{k}/{run}" for k in (0, 1) for run in ("vl_only", "channel_only")]
