@@ -195,17 +195,23 @@ def stat(
     metric: str,
     resolution: str,
     seeds: Sequence[int],
+    family: str | None = None,
 ) -> Stat:
     """Stat of one cell in percent, over `seeds` (the seeds that should be there); a shared
-    run (one run for every seed) is one value of one expected."""
+    run (one run for every seed) is one value of one expected. With `family`: that expression
+    family's score (metrics.families, network resolution) instead."""
     ds, split = column
     if run in c.shared_runs:
         seeds = [SHARED]
-    values = {
-        k: 100.0 * float(c.metrics[(run, ds, split, k)][resolution][metric])
-        for k in seeds
-        if (run, ds, split, k) in c.metrics
-    }
+    values = {}
+    for k in seeds:
+        m = c.metrics.get((run, ds, split, k))
+        if m is not None and family is not None:
+            m = (m.get("families") or {}).get(family)
+        elif m is not None:
+            m = m[resolution]
+        if m is not None:
+            values[k] = 100.0 * float(m[metric])
     return Stat.of(values, len(seeds))
 
 
@@ -861,22 +867,16 @@ def family_stats(r: _Report) -> dict[tuple[str, str], dict[str, dict]]:
     {family: {"sentences": count, "rows": {run: Stat of its mIoU % at network resolution}}}."""
     found: dict[tuple[str, str], dict[str, dict]] = {}
     for col in r.columns:
-        ds, split = col
         fams: dict[str, dict] = {}
-        for (run, d, sp, _), metrics in sorted(r.c.metrics.items(), key=lambda kv: str(kv[0])):
+        for (_, d, sp, _), metrics in r.c.metrics.items():
             if (d, sp) == col:
                 for fam, m in (metrics.get("families") or {}).items():
                     fams.setdefault(fam, {"sentences": int(m["num_sentences"]), "rows": {}})
-        for fam in sorted(fams):
+        for fam in fams:
             for run, _ in r.rows:
-                seeds = [SHARED] if run in r.c.shared_runs else r.seeds
-                values = {
-                    k: 100.0 * float(r.c.metrics[(run, ds, split, k)]["families"][fam]["mIoU"])
-                    for k in seeds
-                    if fam in (r.c.metrics.get((run, ds, split, k), {}).get("families") or {})
-                }
-                if values:
-                    fams[fam]["rows"][run] = Stat.of(values, len(seeds))
+                st = stat(r.c, run, col, "mIoU", "network", r.seeds, family=fam)
+                if st.n:
+                    fams[fam]["rows"][run] = st
         if fams:
             found[col] = {f: fams[f] for f in sorted(fams)}
     return found
