@@ -2,6 +2,7 @@
 
 import json
 import os
+import pickle
 import shutil
 import signal
 import socket
@@ -173,8 +174,12 @@ WORKER = textwrap.dedent(
     sys.path.insert(0, os.environ["RKD_TESTS_DIR"])
     import jax.numpy as jnp
     from conftest import tiny_config
+    import pickle, test_train
     from test_train import random_batch, setup_models
     from rkd_jax import parallel
+    # The models' initial variables, computed once by the test process (initial_variables).
+    with open(os.environ["RKD_TEST_INITIAL_VARIABLES"], "rb") as f:
+        test_train._INITIAL_VARIABLES.update(pickle.load(f))
     config = tiny_config()
     step, state, t_vars = setup_models(config)
     mesh = parallel.make_mesh()
@@ -206,8 +211,16 @@ def test_two_processes_equal_one_process(tmp_path):
     feeding its half of the global batch -> the parameters of 1 process x 2 devices."""
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
+    # The three processes start from the same initial variables, computed here once (jitted
+    # model.init of the teacher and the student: ~14 s of CPU per process on the 2-core machine).
+    config = tiny_config()
+    size, length = config.data.image_size, config.data.max_tokens
+    initial_variables(config.student, 1, size, length)
+    initial_variables(config.teacher, 2, size, length)
+    (tmp_path / "init.pickle").write_bytes(pickle.dumps(_INITIAL_VARIABLES))
     env = dict(
         os.environ,
+        RKD_TEST_INITIAL_VARIABLES=str(tmp_path / "init.pickle"),
         RKD_TESTS_DIR=str(ROOT / "tests"),
         JAX_PLATFORMS="cpu",
         XLA_FLAGS="--xla_force_host_platform_device_count=1 "
