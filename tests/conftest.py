@@ -11,6 +11,7 @@ import sys
 import tempfile
 from collections.abc import Callable
 
+
 # Bytecode. The README's test command installs with `pip install --no-compile`, counting on
 # Python to write each module's bytecode when it is first imported; an environment with
 # PYTHONDONTWRITEBYTECODE=1 (measured on the 2-core machine where .ci/run ran) stops that, and
@@ -18,8 +19,20 @@ from collections.abc import Callable
 # compiles jax, flax and orbax from source again: `import rkd_jax.train` 8.9 s without
 # bytecode, 4.6 s with it. The session writes bytecode into its own temporary directory
 # (PYTHONPYCACHEPREFIX, inherited by the workers and commands it starts), removed at its end:
-# nothing is written into the checkout or the virtualenv.
-if not os.environ.get("RKD_JAX_TEST_PYCACHE"):
+# nothing is written into the checkout or the virtualenv. Only where bytecode is off and jax
+# has none yet: elsewhere Python keeps its own __pycache__ directories, which a prefix would hide.
+def _bytecode_missing() -> bool:
+    import importlib.util
+
+    if not sys.dont_write_bytecode or sys.pycache_prefix:
+        return False
+    spec = importlib.util.find_spec("jax")
+    if spec is None or not spec.origin:
+        return False
+    return not os.path.exists(importlib.util.cache_from_source(spec.origin))
+
+
+if not os.environ.get("RKD_JAX_TEST_PYCACHE") and _bytecode_missing():
     os.environ["RKD_JAX_TEST_PYCACHE"] = tempfile.mkdtemp(prefix="rkd_jax_test_pycache_")
     atexit.register(shutil.rmtree, os.environ["RKD_JAX_TEST_PYCACHE"], ignore_errors=True)
     os.environ["PYTHONPYCACHEPREFIX"] = os.environ["RKD_JAX_TEST_PYCACHE"]
