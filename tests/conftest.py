@@ -265,10 +265,11 @@ def pytest_collection_modifyitems(config, items):
 # Modules without background commands whose CPU time is the suite's largest (measured
 # 2026-11-30, per test file: test_train.py ~370 s, the rest under 100 s each).
 XDIST_FIRST = ("test_train.py",)
-# Among the modules that need no background command, these go first, longest first (measured
-# 2026-12-02 on the AVX2-only 2-core machine, seconds per module: 40, 37, 30, 30, 28, 20, 20,
-# 18, 17, 14), so the session ends with short modules: with the file order, one worker's last
-# module (test_teacher_targets.py) ran 36 s after the other worker had finished.
+# Within each group of that order (modules that wait for the same background commands, or for
+# none), these go first, longest first (measured 2026-12-02 on the AVX2-only 2-core machine,
+# seconds per module: 40, 37, 30, 30, 28, 20, 20, 18, 17, 14), so the session ends with short
+# modules: with the file order, one worker's last module (test_teacher_targets.py) ran 36 s
+# after the other worker had finished.
 XDIST_LONG = (
     "test_teacher_targets.py",
     "test_models.py",
