@@ -90,16 +90,24 @@ def reexec_with_hugepage_malloc() -> None:
         return
     if not cpu_backend_expected():
         return  # measured on XLA:CPU only; a GPU run keeps its buffers on the device
-    tunables = os.environ.get("GLIBC_TUNABLES", "")
-    if "glibc.malloc.hugetlb" in tunables:
+    tunables = hugepage_tunables(os.environ.get("GLIBC_TUNABLES", ""))
+    if tunables is None:
         return
-    version = _glibc_version()
-    if version is None or version < (2, 35):
-        return
-    os.environ["GLIBC_TUNABLES"] = ":".join(filter(None, [tunables, HUGEPAGE_TUNABLE]))
+    os.environ["GLIBC_TUNABLES"] = tunables
     sys.stdout.flush()
     sys.stderr.flush()
     os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
+
+
+def hugepage_tunables(tunables: str) -> str | None:
+    """GLIBC_TUNABLES `tunables` with malloc on huge pages added, or None where that does not
+    apply: not Linux, glibc older than 2.35, or `tunables` already setting glibc.malloc.hugetlb."""
+    if sys.platform != "linux" or "glibc.malloc.hugetlb" in tunables:
+        return None
+    version = _glibc_version()
+    if version is None or version < (2, 35):
+        return None
+    return ":".join(filter(None, [tunables, HUGEPAGE_TUNABLE]))
 
 
 def xla_flag_accepted(flag: str) -> bool:

@@ -69,13 +69,9 @@ platform.configure_cpu_flags()
 # their re-exec). Environment only: a process reads it when it starts, so this process keeps
 # its malloc. Measured on the AVX2-only 2-core machine, three in-process training tests of
 # tests/test_train.py: 97 / 86 s without, 84 / 81 s with (two pairs, quiet).
-_tunables = os.environ.get("GLIBC_TUNABLES", "")
-if (
-    sys.platform == "linux"
-    and (platform._glibc_version() or (0, 0)) >= (2, 35)
-    and "glibc.malloc.hugetlb" not in _tunables
-):
-    os.environ["GLIBC_TUNABLES"] = ":".join(filter(None, [_tunables, platform.HUGEPAGE_TUNABLE]))
+_tunables = platform.hugepage_tunables(os.environ.get("GLIBC_TUNABLES", ""))
+if _tunables is not None:
+    os.environ["GLIBC_TUNABLES"] = _tunables
 # XLA:CPU's older (non-MLIR) fusion emitters: measured on the 2-core machine, they compile the
 # tiny Lite0 student's train step in 12.7 s of CPU instead of 26.3, and a tiny training run
 # (python -m rkd_jax.main, teacher then distilled student) in 24.5 s of CPU instead of 51. Only

@@ -211,12 +211,10 @@ def test_two_processes_equal_one_process(tmp_path):
     feeding its half of the global batch -> the parameters of 1 process x 2 devices."""
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    # The three processes start from the same initial variables, computed here once (jitted
-    # model.init of the teacher and the student: ~14 s of CPU per process on the 2-core machine).
-    config = tiny_config()
-    size, length = config.data.image_size, config.data.max_tokens
-    initial_variables(config.student, 1, size, length)
-    initial_variables(config.teacher, 2, size, length)
+    # The three processes start from the same initial variables, computed here once by
+    # setup_models (jitted model.init of the teacher and the student: ~14 s of CPU per process on
+    # the 2-core machine).
+    setup_models(tiny_config())
     (tmp_path / "init.pickle").write_bytes(pickle.dumps(_INITIAL_VARIABLES))
     env = dict(
         os.environ,
